@@ -1,3 +1,21 @@
-"""kvship: move LLM KV cache between datacenters."""
+"""kvship: move LLM KV cache between datacenters.
+
+Engines embed :class:`kvship.Client`; ``kvshipd`` runs on each cluster; ``kvship`` is the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = ["Client", "SyncClient", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import kvship.protocol` (sans-IO) never pulls in asyncio and numpy code.
+    if name in ("Client", "SyncClient"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'kvship' has no attribute {name!r}")

@@ -256,11 +256,16 @@ class Connection:
         return self._field_done()
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Feed any amount of bytes (copying them into the read buffers)."""
+        """Feed any amount of bytes (copying them into the read buffers).
+
+        Bytes after the connection closed (a GOAWAY, or an error) are discarded: a peer
+        sends nothing after GOAWAY, and trailing garbage must not surface as anything
+        but the events before it.
+        """
         src = memoryview(data).cast("B")
         events: list[Frame] = []
         pos = 0
-        while pos < len(src):
+        while pos < len(src) and self.state is not State.CLOSED:
             dst = self.read_buffer()
             n = min(len(dst), len(src) - pos)
             dst[:n] = src[pos : pos + n]

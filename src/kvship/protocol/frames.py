@@ -301,8 +301,12 @@ class Open:
         tokens = _unpack_tokens(body[pos : pos + 4 * n_tokens])
         pos += 4 * n_tokens
         try:
-            meta = json.loads(bytes(body[pos:]))
-        except (UnicodeDecodeError, ValueError) as exc:
+            meta = json.loads(
+                bytes(body[pos:]).decode("utf-8"),
+                parse_constant=_reject_constant,
+                object_pairs_hook=_unique_keys,
+            )
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, f"OPEN meta is not JSON: {exc}") from exc
         layers, request_id, peer, extra = _parse_meta(meta)
         if chunk_size == 0:
@@ -323,6 +327,30 @@ class Open:
         return frame
 
 
+def _reject_constant(name: str) -> Any:
+    """NaN/Infinity are not JSON (RFC 8259): other implementations would refuse them."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Duplicate keys mean different things to different JSON parsers: refuse them."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return obj
+
+
+def _is_text(value: Any) -> bool:
+    """A str that UTF-8 can carry: a JSON escape like \\ud800 yields a lone surrogate."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_meta(meta: Any) -> tuple[tuple[LayerSpec, ...], str, str, dict[str, Any]]:
     def bad(why: str) -> ProtocolError:
         return ProtocolError(ErrorCode.MALFORMED_FRAME, f"OPEN meta: {why}")
@@ -330,7 +358,7 @@ def _parse_meta(meta: Any) -> tuple[tuple[LayerSpec, ...], str, str, dict[str, A
     if not isinstance(meta, dict):
         raise bad("not an object")
     request_id = meta.get("request_id")
-    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
+    if not _is_text(request_id) or not 0 < len(request_id) <= MAX_REQUEST_ID:
         raise bad(f"request_id must be a string of 1..{MAX_REQUEST_ID} characters")
     raw_layers = meta.get("layers")
     if not isinstance(raw_layers, list) or not raw_layers:
@@ -340,7 +368,7 @@ def _parse_meta(meta: Any) -> tuple[tuple[LayerSpec, ...], str, str, dict[str, A
         if not isinstance(item, dict):
             raise bad(f"layer {i} is not an object")
         dtype, shape, nbytes = item.get("dtype"), item.get("shape"), item.get("nbytes")
-        if not isinstance(dtype, str) or not dtype or len(dtype) > 32:
+        if not _is_text(dtype) or not dtype or len(dtype) > 32:
             raise bad(f"layer {i} dtype must be a short string")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
             raise bad(f"layer {i} shape must be a list of non-negative integers")
@@ -348,7 +376,7 @@ def _parse_meta(meta: Any) -> tuple[tuple[LayerSpec, ...], str, str, dict[str, A
             raise bad(f"layer {i} nbytes must be a non-negative integer")
         layers.append(LayerSpec(dtype, tuple(shape), nbytes))
     peer = meta.get("peer", "")
-    if not isinstance(peer, str):
+    if not _is_text(peer):
         raise bad("peer must be a string")
     extra = meta.get("extra", {})
     if not isinstance(extra, dict):

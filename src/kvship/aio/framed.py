@@ -1,0 +1,225 @@
+"""FramedProtocol: an asyncio BufferedProtocol that feeds a sans-IO Connection.
+
+Receiving: ``get_buffer`` returns the Connection's ``read_buffer()``, so the kernel
+copies bytes straight to where they belong (a chunk's data into its arena slot).
+Sending: chunk data is written from the caller's memoryview without a copy; uvloop
+keeps a reference until the kernel took it, so :meth:`send_chunk` waits for the write
+buffer to drain before returning, and only then may the caller reuse the memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+
+from ..protocol import (
+    ChunkMeta,
+    Connection,
+    Credit,
+    ErrorCode,
+    Frame,
+    GoAway,
+    Hello,
+    HelloAck,
+    ProtocolError,
+)
+
+log = logging.getLogger("kvship.wire")
+
+FrameHandler = Callable[["FramedProtocol", Frame], None]
+CloseHandler = Callable[["FramedProtocol", BaseException | None], None]
+
+
+class FramedProtocol(asyncio.BufferedProtocol):
+    def __init__(
+        self,
+        conn: Connection,
+        on_frame: FrameHandler,
+        on_close: CloseHandler | None = None,
+        on_error: Callable[[ProtocolError], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.on_frame = on_frame
+        self.on_close = on_close
+        self.on_error = on_error
+        self.transport: asyncio.Transport | None = None
+        self.error: BaseException | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._credit = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self.peername: str = "?"
+        self.handshake: asyncio.Future[HelloAck | Hello | GoAway] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    # ----------------------------------------------------------- asyncio API
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        # Pause as soon as anything is left unsent: "resumed" then means "drained", which
+        # is when memory handed to write() may be reused.
+        transport.set_write_buffer_limits(high=0, low=0)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.conn.closed:
+            return memoryview(bytearray(65536))  # discard what arrives after a failure
+        return self.conn.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.conn.closed:
+            return
+        try:
+            frames = self.conn.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.fail(exc)
+            return
+        for frame in frames:
+            self._on_frame(frame)
+
+    def _on_frame(self, frame: Frame) -> None:
+        if isinstance(frame, Credit):
+            self._credit.set()
+        if isinstance(frame, Hello | HelloAck | GoAway) and not self.handshake.done():
+            self.handshake.set_result(frame)
+        try:
+            self.on_frame(self, frame)
+        except ProtocolError as exc:
+            self.fail(exc)
+        except Exception as exc:
+            log.exception("handler failed on %s from %s", type(frame).__name__, self.peername)
+            self.fail(ProtocolError(ErrorCode.INTERNAL_ERROR, f"handler failed: {exc!r}"))
+
+    def eof_received(self) -> bool:
+        try:
+            self.conn.receive_eof()
+        except ProtocolError as exc:
+            self.fail(exc)
+        return False
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.error is None and exc is not None:
+            self.error = exc
+        self._drained.set()
+        self._credit.set()
+        if not self.handshake.done():
+            self.handshake.set_exception(
+                ConnectionError(f"connection to {self.peername} closed during the handshake")
+            )
+        if not self.closed.done():
+            self.closed.set_result(self.error)
+        if self.on_close is not None:
+            self.on_close(self, self.error)
+
+    # --------------------------------------------------------------- sending
+    @property
+    def is_open(self) -> bool:
+        return (
+            self.transport is not None
+            and not self.transport.is_closing()
+            and not (self.conn.closed)
+        )
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError(f"connection to {self.peername} is closed")
+        self.transport.write(data)
+
+    def send(self, frame: Frame) -> None:
+        """Queue a control frame (fire and forget: control frames are small)."""
+        self.write(self.conn.send(frame))
+
+    async def drain(self) -> None:
+        """Wait until everything written so far has been handed to the kernel."""
+        await self._drained.wait()
+        if not self.is_open and self.transport is not None and self.transport.is_closing():
+            raise ConnectionError(f"connection to {self.peername} closed: {self.error}")
+
+    async def send_chunk(self, meta: ChunkMeta, data: memoryview) -> None:
+        """Send one chunk, waiting for credit; returns once ``data`` may be reused."""
+        async with self._send_lock:
+            while self.conn.send_credit < len(data):
+                if not self.is_open:
+                    raise ConnectionError(f"connection to {self.peername} closed: {self.error}")
+                self._credit.clear()
+                await self._credit.wait()
+            self.write(self.conn.chunk_header(meta, len(data)))
+            self.write(data)  # type: ignore[arg-type]
+            await self.drain()
+
+    def grant(self, nbytes: int) -> None:
+        if self.is_open:
+            self.write(self.conn.grant(nbytes))
+
+    def fail(self, error: ProtocolError) -> None:
+        """Close this connection because of ``error`` (after telling the peer why)."""
+        if self.error is None:
+            self.error = error
+        if self.on_error is not None:
+            self.on_error(error)
+        log.warning("closing connection %s: %s", self.peername, error)
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(self.conn.goaway_for(error))
+            self.transport.close()
+        self.conn.state = self.conn.state.CLOSED
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_connection(
+    address: str,
+    hello: Hello,
+    on_frame: FrameHandler,
+    on_close: CloseHandler | None = None,
+    *,
+    timeout: float = 10.0,
+) -> FramedProtocol:
+    """Connect to ``host:port``, ``[v6]:port`` or a Unix socket path, and shake hands."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(initiator=True)
+
+    def factory() -> FramedProtocol:
+        return FramedProtocol(conn, on_frame, on_close)
+
+    async def connect() -> FramedProtocol:
+        if address.startswith("/") or address.startswith("unix:"):
+            path = address.removeprefix("unix:")
+            _, proto = await loop.create_unix_connection(factory, path)
+        else:
+            host, port = split_hostport(address)
+            _, proto = await loop.create_connection(factory, host, port)
+        proto.write(conn.initiate(hello))
+        reply = await proto.handshake
+        if isinstance(reply, GoAway):
+            raise ConnectionRefusedError(f"{address} refused the handshake: {reply.message}")
+        if not isinstance(reply, HelloAck):
+            raise ConnectionError(f"{address} answered the handshake with {reply!r}")
+        return proto
+
+    return await asyncio.wait_for(connect(), timeout)
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port`` -> (host, port), with a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"address {address!r} is not host:port, [v6]:port or a socket path")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,96 @@
+"""``kvship.Client``: what an inference engine embeds (async first, see SyncClient too)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..layout import layout_of
+from ..protocol import LayerSpec, Subscribe
+from .connection import EngineConnection, default_address
+from .receiver import Receiver, open_receiver
+from .sender import Sender, SendResult
+
+MIB = 1024 * 1024
+
+
+class Client:
+    """Talks to the local kvshipd (Unix socket path, or host:port for a remote engine host).
+
+    On a Unix socket the client and daemon share a staging arena (``arena_bytes`` of
+    shared memory per transfer), so KV crosses the engine<->daemon hop with one memcpy.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        arena_bytes: int = 64 * MIB,
+        chunk_bytes: int = 1 * MIB,
+        use_shm: bool | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not 4096 <= chunk_bytes <= 4 * MIB:
+            raise ValueError("chunk_bytes must be between 4 KiB and 4 MiB")
+        self.address = address or default_address()
+        self.arena_bytes = arena_bytes
+        self.chunk_bytes = chunk_bytes
+        self.use_shm = use_shm
+        self.connect_timeout = connect_timeout
+
+    async def _connect(self, arena_bytes: int) -> EngineConnection:
+        return await EngineConnection.open(
+            self.address,
+            arena_bytes=arena_bytes,
+            use_shm=self.use_shm,
+            timeout=self.connect_timeout,
+        )
+
+    async def send(
+        self,
+        request_id: str,
+        layout: Sequence[LayerSpec],
+        *,
+        peer: str,
+        token_ids: Sequence[int] = (),
+        priority: int = 0,
+    ) -> Sender:
+        """Open a transfer of ``request_id`` to the daemon at ``peer`` (host:port)."""
+        if not layout:
+            raise ValueError("layout has no layers")
+        largest = max(spec.nbytes for spec in layout)
+        arena = max(self.chunk_bytes, min(self.arena_bytes, largest * 2 or self.chunk_bytes))
+        conn = await self._connect(arena)
+        return Sender(conn, request_id, layout, peer, token_ids, self.chunk_bytes, priority)
+
+    async def send_arrays(
+        self,
+        request_id: str,
+        arrays: Sequence[Any],
+        *,
+        peer: str,
+        token_ids: Sequence[int] = (),
+        timeout: float | None = None,
+    ) -> SendResult:
+        """Convenience: send a list of per-layer arrays and wait for the acknowledgement."""
+        sender = await self.send(request_id, layout_of(arrays), peer=peer, token_ids=token_ids)
+        try:
+            for i, array in enumerate(arrays):
+                await sender.put(i, array)
+            return await sender.finish(timeout)
+        except BaseException:
+            await sender.abort()
+            raise
+
+    async def receive(self, request_id: str, *, timeout: float | None = 30.0) -> Receiver:
+        """Subscribe to ``request_id`` at the local daemon; returns once its layout is known.
+
+        Waits up to ``timeout`` seconds for the transfer to start arriving, and (between
+        layers) for each next layer; raises :class:`kvship.errors.RequestNotFound` if it
+        never comes.
+        """
+        conn = await self._connect(self.arena_bytes)
+        assert conn.proto is not None
+        timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
+        conn.proto.send(Subscribe(request_id, timeout_ms))
+        return await open_receiver(conn, request_id, timeout)

@@ -1,0 +1,152 @@
+"""The decode side: a request's KV, handed over layer by layer as it arrives."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from ..errors import IntegrityError, TransferError, error_for
+from ..layout import as_array, resolve_dtype
+from ..protocol import (
+    Abort,
+    Chunk,
+    ChunkMeta,
+    Complete,
+    ErrorCode,
+    LayerReady,
+    Open,
+    Release,
+    chunk_checksum,
+    chunk_table,
+)
+from .connection import EngineConnection
+
+
+class Receiver:
+    """Returned by :meth:`kvship.Client.receive` once the transfer is known.
+
+    ``async for layer, array in receiver`` yields layers in arrival order. On the
+    shared-memory path ``array`` is a zero-copy view into the staging arena, valid until
+    the next iteration (copy it, or upload it to the GPU, before asking for the next);
+    pass ``copy=True`` to :meth:`layers` for arrays you may keep.
+    """
+
+    def __init__(self, conn: EngineConnection, opened: Open, timeout: float | None) -> None:
+        self._conn = conn
+        self.request_id = opened.request_id
+        self.layout = opened.layers
+        self.token_ids = opened.token_ids
+        self.chunk_bytes = opened.chunk_size
+        self.timeout = timeout
+        self.digest: int | None = None
+        self.complete = False
+        self._tid = opened.transfer_id
+        self._starts = chunk_table(self.layout, opened.chunk_size)
+        self._inline: dict[int, np.ndarray] = {}
+        self._pending = [self._starts[i + 1] - self._starts[i] for i in range(len(self.layout))]
+        self._held: tuple[int, int] | None = None  # arena region of the last yielded layer
+        conn.sink = self._sink
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(spec.nbytes for spec in self.layout)
+
+    def _sink(self, meta: ChunkMeta, nbytes: int) -> memoryview:
+        """Inline chunks land straight in their layer's array."""
+        if not 0 <= meta.layer < len(self.layout):
+            return memoryview(bytearray(nbytes))
+        buf = self._inline.get(meta.layer)
+        if buf is None:
+            buf = self._inline[meta.layer] = np.empty(self.layout[meta.layer].nbytes, np.uint8)
+        return memoryview(buf)[meta.offset : meta.offset + nbytes]
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            proto = self._conn.proto
+            if proto is not None and proto.is_open:
+                proto.send(Release(*self._held))
+            self._held = None
+
+    async def layers(self, copy: bool = False) -> AsyncIterator[tuple[int, np.ndarray]]:
+        delivered = 0
+        try:
+            while True:
+                try:
+                    frame = await self._conn.next_frame(self.timeout)
+                except TimeoutError as exc:
+                    raise TransferError(
+                        ErrorCode.TIMEOUT, f"nothing arrived for {self.timeout} s"
+                    ) from exc
+                except ConnectionError as exc:
+                    raise TransferError(ErrorCode.PEER_UNREACHABLE, str(exc)) from exc
+                if isinstance(frame, LayerReady):
+                    self._release_held()
+                    spec = self.layout[frame.layer]
+                    if frame.nbytes:
+                        assert self._conn.arena is not None
+                        view = self._conn.arena.view(frame.arena_offset, frame.nbytes)
+                        self._held = (frame.arena_offset, frame.nbytes)
+                    else:
+                        view = memoryview(b"")
+                    array = as_array(view, spec)
+                    delivered += 1
+                    yield frame.layer, (array.copy() if copy else array)
+                elif isinstance(frame, Chunk):
+                    self._release_held()
+                    if chunk_checksum(frame.data) != frame.meta.checksum:
+                        raise IntegrityError(ErrorCode.CHECKSUM_MISMATCH, "inline chunk corrupted")
+                    layer = frame.meta.layer
+                    self._pending[layer] -= 1
+                    if self._pending[layer] == 0:
+                        raw = self._inline.pop(layer)
+                        delivered += 1
+                        yield layer, _typed(raw, self.layout[layer])
+                elif isinstance(frame, Complete):
+                    self._release_held()
+                    if delivered != len(self.layout):
+                        raise error_for(ErrorCode.PROTOCOL_ERROR, "COMPLETE before every layer")
+                    self.digest, self.complete = frame.digest, True
+                    return
+                elif isinstance(frame, Abort):
+                    raise error_for(frame.code, frame.message)
+        finally:
+            if self.complete:
+                self._conn.close()
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, np.ndarray]]:
+        return self.layers()
+
+    async def all(self) -> list[np.ndarray]:
+        """Every layer, as arrays you own, in layer order (waits for the whole transfer)."""
+        out: list[Any] = [None] * len(self.layout)
+        async for layer, array in self.layers(copy=True):
+            out[layer] = array
+        return out
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _typed(raw: np.ndarray, spec: Any) -> np.ndarray:
+    dt = resolve_dtype(spec.dtype)
+    if dt == np.uint8 and spec.dtype != "uint8":
+        return raw
+    return raw.view(dt).reshape(spec.shape)
+
+
+async def open_receiver(conn: EngineConnection, request_id: str, timeout: float | None) -> Receiver:
+    """Wait for the daemon's OPEN (the layout) for ``request_id``."""
+    wait = None if timeout is None else timeout + 5.0  # the daemon answers NOT_FOUND first
+    try:
+        frame = await conn.next_frame(wait)
+    except TimeoutError as exc:
+        raise TransferError(ErrorCode.TIMEOUT, f"daemon silent for {wait} s") from exc
+    if isinstance(frame, Abort):
+        conn.close()
+        raise error_for(frame.code, frame.message)
+    if not isinstance(frame, Open):
+        conn.close()
+        raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
+    return Receiver(conn, frame, timeout)

@@ -1,0 +1,273 @@
+"""The local engine API: what a kvship.Client on this host (or another) asks of its daemon.
+
+An engine connection carries sends (OPEN with a destination peer, then chunks, then
+END; the daemon answers COMPLETE or ABORT) and receives (SUBSCRIBE; the daemon answers
+OPEN with the layout, then whole verified layers, then COMPLETE or ABORT). On the Unix
+socket the engine attaches a shared-memory arena and chunks travel by reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..aio import FramedProtocol
+from ..protocol import (
+    CAP_SHM,
+    Abort,
+    Chunk,
+    ChunkMeta,
+    Complete,
+    End,
+    ErrorCode,
+    Frame,
+    LayerReady,
+    Open,
+    Ping,
+    Pong,
+    ProtocolError,
+    Release,
+    ShmAttach,
+    ShmAttached,
+    ShmChunk,
+    Subscribe,
+    chunk_checksum,
+)
+from ..staging import Arena, RingAllocator
+
+if TYPE_CHECKING:
+    from .incoming import IncomingTransfer
+    from .outgoing import OutgoingTransfer
+    from .server import Daemon
+
+log = logging.getLogger("kvship.engine")
+
+
+class EngineSession:
+    """One engine connection and everything it has going on."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.conn: FramedProtocol | None = None
+        self.arena: Arena | None = None
+        self.sends: dict[int, OutgoingTransfer] = {}
+        self.subs: dict[int, Subscription] = {}
+        self.attached = asyncio.Event()
+
+    @property
+    def shm(self) -> bool:
+        return self.conn is not None and bool(self.conn.conn.negotiated.capabilities & CAP_SHM)
+
+    def on_frame(self, conn: FramedProtocol, frame: Frame) -> None:
+        self.conn = conn
+        if isinstance(frame, ShmChunk):
+            self._on_shm_chunk(conn, frame)
+        elif isinstance(frame, Chunk):
+            send = self._send_for(frame.meta.transfer_id)
+            n = len(frame.data)
+            if send is None:
+                conn.grant(n)
+            else:
+                send.add_chunk(frame.meta, frame.data, lambda: conn.grant(n))
+        elif isinstance(frame, Open):
+            self._on_open(conn, frame)
+        elif isinstance(frame, End):
+            send = self._send_for(frame.transfer_id)
+            if send is not None:
+                send.end(frame)
+        elif isinstance(frame, Subscribe):
+            self._on_subscribe(conn, frame)
+        elif isinstance(frame, Release):
+            self._on_release(frame)
+        elif isinstance(frame, Abort):
+            if (send := self.sends.get(frame.transfer_id)) is not None:
+                send.fail(ErrorCode.CANCELLED, "cancelled by the engine", tell_engine=False)
+            if (sub := self.subs.get(frame.transfer_id)) is not None:
+                sub.cancel()
+        elif isinstance(frame, ShmAttach):
+            self._on_attach(conn, frame)
+        elif isinstance(frame, Ping):
+            conn.send(Pong(frame.opaque))
+
+    def _send_for(self, engine_tid: int) -> OutgoingTransfer | None:
+        send = self.sends.get(engine_tid)
+        return None if send is None or send.done.done() else send
+
+    def _on_attach(self, conn: FramedProtocol, frame: ShmAttach) -> None:
+        if not self.shm or self.arena is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SHM_ATTACH without CAP_SHM, or twice")
+        try:
+            self.arena = Arena.attach(frame.path, frame.size)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"cannot map arena: {exc}") from exc
+        conn.send(ShmAttached(frame.size))
+        self.attached.set()
+
+    def _on_shm_chunk(self, conn: FramedProtocol, frame: ShmChunk) -> None:
+        if self.arena is None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SHM_CHUNK before SHM_ATTACH")
+        length = frame.meta.raw_length
+        try:
+            data = self.arena.view(frame.arena_offset, length)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, str(exc)) from exc
+        offset = frame.arena_offset
+
+        def release() -> None:
+            if conn.is_open:
+                conn.send(Release(offset, length))
+
+        send = self._send_for(frame.meta.transfer_id)
+        if send is None:
+            release()
+        else:
+            send.add_chunk(frame.meta, data, release)
+
+    def _on_open(self, conn: FramedProtocol, frame: Open) -> None:
+        if frame.transfer_id in self.sends:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "engine reused a transfer id")
+        if self.daemon.draining:
+            conn.send(Abort(frame.transfer_id, ErrorCode.SHUTTING_DOWN, "daemon is draining"))
+            return
+        if not frame.peer:
+            conn.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, "OPEN names no peer"))
+            return
+        self.sends[frame.transfer_id] = self.daemon.start_outgoing(conn, frame)
+
+    def _on_subscribe(self, conn: FramedProtocol, frame: Subscribe) -> None:
+        tid = len(self.subs) + 1
+        sub = Subscription(self, conn, tid, frame)
+        self.subs[tid] = sub
+        sub.task = asyncio.create_task(sub.run(), name=f"sub-{frame.request_id}")
+
+    def _on_release(self, frame: Release) -> None:
+        for sub in self.subs.values():
+            if sub.allocator is not None and sub.transfer is not None:
+                with contextlib.suppress(ValueError):
+                    sub.allocator.release(frame.arena_offset, frame.length)
+                    sub.transfer.changed.set()
+                    return
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "RELEASE of a region never handed out")
+
+    def on_close(self, conn: FramedProtocol, error: BaseException | None) -> None:
+        for send in self.sends.values():
+            send.fail(ErrorCode.CANCELLED, "engine disconnected", tell_engine=False)
+        for sub in self.subs.values():
+            sub.cancel()
+        if self.arena is not None:
+            self.arena.close()
+
+
+class Subscription:
+    """Delivers one incoming transfer to one engine, layer by layer."""
+
+    def __init__(self, session: EngineSession, conn: FramedProtocol, tid: int, frame: Subscribe):
+        self.session = session
+        self.conn = conn
+        self.tid = tid
+        self.request = frame
+        self.transfer: IncomingTransfer | None = None
+        self.allocator: RingAllocator | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def reserve(self, nbytes: int) -> int | None:
+        if self.allocator is None or not 0 < nbytes <= self.allocator.capacity:
+            return None
+        return self.allocator.allocate(nbytes)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        assert self.session.arena is not None
+        return self.session.arena.view(offset, length)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        daemon, conn = self.session.daemon, self.conn
+        timeout = self.request.timeout_ms / 1000 or daemon.config.subscribe_timeout_s
+        transfer = await daemon.claim(self.request.request_id, self, timeout)
+        if transfer is None:
+            conn.send(
+                Abort(
+                    self.tid,
+                    ErrorCode.NOT_FOUND,
+                    f"no transfer of {self.request.request_id!r} within {timeout:g} s",
+                )
+            )
+            return
+        self.transfer = transfer
+        try:
+            await self._deliver(transfer)
+        except asyncio.CancelledError:
+            transfer.subscriber = None
+            raise
+        except ConnectionError:
+            transfer.subscriber = None
+
+    async def _deliver(self, transfer: IncomingTransfer) -> None:
+        conn, opened = self.conn, transfer.opened
+        conn.send(
+            Open(
+                self.tid,
+                opened.request_id,
+                opened.layers,
+                opened.chunk_size,
+                opened.token_ids,
+                extra=opened.extra,
+            )
+        )
+        if self.session.shm:
+            await asyncio.wait_for(self.session.attached.wait(), 30)
+            assert self.session.arena is not None
+            self.allocator = RingAllocator(self.session.arena.size)
+        delivered = 0
+        while True:
+            while transfer.ready and transfer.state != "failed":
+                if not await self._deliver_layer(transfer, transfer.ready[0]):
+                    break
+                transfer.ready.popleft()
+                delivered += 1
+            if transfer.state == "failed":
+                assert transfer.error is not None
+                code, message = transfer.error
+                conn.send(Abort(self.tid, int(code), message))
+                return
+            if transfer.state == "received" and delivered == len(transfer.layers):
+                conn.send(Complete(self.tid, opened.total_bytes, transfer.digest.value()))
+                transfer.delivered()
+                return
+            await transfer.changed.wait()
+            transfer.changed.clear()
+
+    async def _deliver_layer(self, transfer: IncomingTransfer, layer: int) -> bool:
+        """Hand one complete layer to the engine; False when arena space must free first."""
+        nbytes = transfer.layers[layer].nbytes
+        offset = transfer.regions.pop(layer, None)
+        if offset is None and nbytes and self.allocator is not None:
+            if nbytes <= self.allocator.capacity:
+                offset = self.allocator.allocate(nbytes)
+                if offset is None:
+                    return False
+                for chunk_offset, buf in transfer.held.get(layer, []):
+                    self.view(offset + chunk_offset, len(buf))[:] = buf
+                transfer.release_layer(layer)
+        if offset is not None or nbytes == 0:
+            self.conn.send(LayerReady(self.tid, layer, offset or 0, nbytes))
+            return True
+        # Inline: no arena, or a layer larger than the whole arena.
+        chunk_size, first = transfer.opened.chunk_size, transfer.starts[layer]
+        for chunk_offset, buf in sorted(transfer.held.get(layer, [])):
+            meta = ChunkMeta(
+                self.tid,
+                first + chunk_offset // chunk_size,
+                layer,
+                chunk_offset,
+                len(buf),
+                chunk_checksum(buf),
+            )
+            await self.conn.send_chunk(meta, memoryview(buf))
+        transfer.release_layer(layer)
+        return True

@@ -1,0 +1,112 @@
+"""``kvshipd``: run one daemon until SIGTERM/SIGINT, then drain and stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config, ConfigError, load_config
+from .control import make_app
+from .server import Daemon
+
+log = logging.getLogger("kvship.daemon")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``kvshipd`` and ``kvship serve`` (they override the config file)."""
+    parser.add_argument("--config", "-c", help="TOML config file (see daemon/kvshipd.toml)")
+    parser.add_argument("--node-name", dest="node_name")
+    parser.add_argument("--peer-listen", dest="peer_listen", help="host:port for peer daemons")
+    parser.add_argument("--engine-socket", dest="engine_socket", help="Unix socket for engines")
+    parser.add_argument("--engine-listen", dest="engine_listen", help="host:port for engines")
+    parser.add_argument("--control-listen", dest="control_listen", help="host:port, HTTP")
+    parser.add_argument("--connections-per-peer", dest="connections_per_peer", type=int)
+    parser.add_argument("--chunk-bytes", dest="chunk_bytes", type=int)
+    parser.add_argument("--window-bytes", dest="window_bytes", type=int)
+    parser.add_argument("--staging-bytes", dest="staging_bytes", type=int)
+    parser.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float)
+    parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument(
+        "--ready-file", help="write the bound addresses as JSON here once listening"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    keys = set(Config.__dataclass_fields__)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in keys}
+    return load_config(args.config, overrides)
+
+
+async def serve(config: Config, ready_file: str | None = None) -> int:
+    daemon = Daemon(config)
+    await daemon.start()
+    runner = web.AppRunner(make_app(daemon), access_log=None)
+    await runner.setup()
+    if config.control_listen:
+        from ..aio.framed import split_hostport
+
+        host, port = split_hostport(config.control_listen)
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        server = site._server
+        if server is not None and server.sockets:
+            h, p = server.sockets[0].getsockname()[:2]
+            daemon.addresses["control"] = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+    if ready_file:
+        with open(ready_file + ".tmp", "w") as fh:
+            json.dump(daemon.addresses, fh)
+        import os
+
+        os.replace(ready_file + ".tmp", ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (up to %.0f s)", config.drain_timeout_s)
+    clean = await daemon.drain()
+    if not clean:
+        log.warning("drain deadline passed with transfers still running; aborting them")
+    await daemon.close()
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def run(config: Config, ready_file: str | None = None) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        return asyncio.run(serve(config, ready_file))
+    return uvloop.run(serve(config, ready_file))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvshipd", description="kvship transfer daemon")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"kvshipd: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        return run(config, args.ready_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

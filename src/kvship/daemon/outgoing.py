@@ -1,0 +1,204 @@
+"""The sending side: one engine's transfer, striped over a peer link's connections.
+
+Chunks come from the engine (in its shared-memory arena, or inline on the socket), are
+verified against the engine's checksum, queued on stripe ``chunk_index % N`` and sent
+without a copy; each chunk's memory goes back to the engine (RELEASE or CREDIT) as soon
+as the kernel has taken it. The peer answers COMPLETE once it holds every byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..aio import FramedProtocol
+from ..protocol import (
+    Abort,
+    ChunkMeta,
+    Complete,
+    End,
+    ErrorCode,
+    Open,
+    chunk_checksum,
+    digest_of_checksums,
+)
+from .records import TransferRecord
+
+if TYPE_CHECKING:
+    from .peers import PeerLink
+    from .server import Daemon
+
+log = logging.getLogger("kvship.out")
+
+Release = Callable[[], None]
+_END = object()
+
+
+class OutgoingTransfer:
+    def __init__(
+        self, daemon: Daemon, engine: FramedProtocol, opened: Open, transfer_id: int
+    ) -> None:
+        self.daemon = daemon
+        self.engine = engine
+        self.engine_tid = opened.transfer_id
+        self.opened = opened
+        self.id = transfer_id
+        self.n_stripes = daemon.config.connections_per_peer
+        self.queues: list[asyncio.Queue[tuple[ChunkMeta, memoryview, Release] | object]] = [
+            asyncio.Queue() for _ in range(self.n_stripes)
+        ]
+        self.checksums = [0] * opened.n_chunks
+        self.seen = bytearray(opened.n_chunks)
+        self.chunks_in = 0
+        self.per_stripe = [0] * self.n_stripes
+        self.link: PeerLink | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.done = asyncio.get_running_loop().create_future()
+        self.record = TransferRecord(
+            transfer_id,
+            "out",
+            opened.request_id,
+            opened.peer,
+            opened.total_bytes,
+            opened.n_chunks,
+            len(opened.layers),
+        )
+
+    # ----------------------------------------------------------- engine side
+    def start(self) -> None:
+        self.tasks.append(asyncio.create_task(self._run(), name=f"out-{self.id:x}"))
+
+    def add_chunk(self, meta: ChunkMeta, data: memoryview, release: Release) -> None:
+        """A chunk from the engine: verify, then queue it on its stripe."""
+        if self.done.done():
+            release()
+            return
+        if chunk_checksum(data) != meta.checksum:
+            release()
+            self.fail(ErrorCode.CHECKSUM_MISMATCH, f"engine chunk {meta.chunk_index} checksum")
+            return
+        if self.seen[meta.chunk_index]:
+            release()
+            self.fail(ErrorCode.PROTOCOL_ERROR, f"chunk {meta.chunk_index} sent twice")
+            return
+        self.seen[meta.chunk_index] = 1
+        self.checksums[meta.chunk_index] = meta.checksum
+        self.chunks_in += 1
+        stripe = meta.chunk_index % self.n_stripes
+        self.per_stripe[stripe] += 1
+        peer_meta = dataclasses.replace(meta, transfer_id=self.id)
+        self.queues[stripe].put_nowait((peer_meta, data, release))
+
+    def end(self, engine_end: End) -> None:
+        """The engine sent its last chunk."""
+        if self.chunks_in != self.opened.n_chunks:
+            self.fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"END after {self.chunks_in} of {self.opened.n_chunks} chunks",
+            )
+            return
+        if engine_end.digest != self._digest():
+            self.fail(ErrorCode.DIGEST_MISMATCH, "engine digest does not match its chunks")
+            return
+        for q in self.queues:
+            q.put_nowait(_END)
+
+    def _digest(self) -> int:
+        return digest_of_checksums(self.checksums)
+
+    # -------------------------------------------------------------- peer side
+    async def _run(self) -> None:
+        try:
+            self.link = await self.daemon.peer_link(self.opened.peer)
+        except Exception as exc:
+            self.fail(ErrorCode.PEER_UNREACHABLE, f"cannot reach {self.opened.peer}: {exc}")
+            return
+        if self.done.done():
+            return
+        self.link.transfers[self.id] = self
+        conns = self.link.conns
+        for stripe, conn in enumerate(conns):
+            conn.send(
+                dataclasses.replace(
+                    self.opened, transfer_id=self.id, n_stripes=len(conns), stripe=stripe, peer=""
+                )
+            )
+        self.tasks.extend(
+            asyncio.create_task(self._stripe(i, conn), name=f"out-{self.id:x}-{i}")
+            for i, conn in enumerate(conns)
+        )
+
+    async def _stripe(self, index: int, conn: FramedProtocol) -> None:
+        queue, metrics = self.queues[index], self.daemon.metrics
+        sent_bytes = metrics.bytes_sent.labels(self.opened.peer)
+        while True:
+            item = await queue.get()
+            if item is _END:
+                conn.send(End(self.id, self.per_stripe[index], self._digest()))
+                return
+            meta, data, release = item  # type: ignore[misc]
+            try:
+                await conn.send_chunk(meta, data)
+            except ConnectionError as exc:
+                release()
+                self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
+                return
+            release()
+            self.record.bytes_done += len(data)
+            self.record.chunks_done += 1
+            sent_bytes.inc(len(data))
+            metrics.chunks_sent.inc()
+
+    def on_complete(self, frame: Complete) -> None:
+        if self.done.done():
+            return
+        if frame.digest != self._digest() or frame.total_bytes != self.opened.total_bytes:
+            self.fail(ErrorCode.DIGEST_MISMATCH, "peer acknowledged different bytes")
+            return
+        with contextlib.suppress(ConnectionError):
+            self.engine.send(Complete(self.engine_tid, frame.total_bytes, frame.digest))
+        self._finish("complete")
+
+    def on_peer_abort(self, frame: Abort) -> None:
+        code = ErrorCode(frame.code) if frame.code in set(ErrorCode) else ErrorCode.INTERNAL_ERROR
+        self.fail(code, f"peer aborted: {frame.message}", tell_peer=False)
+
+    # ------------------------------------------------------------- endings
+    def fail(
+        self, code: ErrorCode, message: str, *, tell_peer: bool = True, tell_engine: bool = True
+    ) -> None:
+        if self.done.done():
+            return
+        log.warning(
+            "transfer %x (%s) failed: %s %s", self.id, self.opened.request_id, code.name, message
+        )
+        if tell_engine:
+            with contextlib.suppress(ConnectionError):
+                self.engine.send(Abort(self.engine_tid, int(code), message))
+        if tell_peer and self.link is not None:
+            for conn in self.link.conns:
+                if conn.is_open:
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        conn.send(Abort(self.id, int(code), message))
+                    break
+        self._finish("failed", f"{code.name}: {message}")
+
+    def _finish(self, state: str, error: str = "") -> None:
+        self.record.finish(state, error)
+        self.done.set_result(state)
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+        for q in self.queues:  # hand back whatever is still queued
+            while not q.empty():
+                item = q.get_nowait()
+                if item is not _END:
+                    item[2]()  # type: ignore[index]
+        if self.link is not None:
+            self.link.transfers.pop(self.id, None)
+        self.daemon.transfer_finished(self.record, self)

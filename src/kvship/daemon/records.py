@@ -1,0 +1,47 @@
+"""What the control plane shows of a transfer, shared by both directions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TransferRecord:
+    transfer_id: int
+    direction: str  # "out" (engine -> peer) or "in" (peer -> engine)
+    request_id: str
+    peer: str
+    total_bytes: int
+    n_chunks: int
+    n_layers: int
+    state: str = "open"  # open | received | complete | failed
+    bytes_done: int = 0
+    chunks_done: int = 0
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def finish(self, state: str, error: str = "") -> None:
+        if self.finished is None:
+            self.state, self.error, self.finished = state, error, time.time()
+
+    def to_json(self) -> dict[str, Any]:
+        end = self.finished or time.time()
+        seconds = max(end - self.started, 1e-9)
+        return {
+            "transfer_id": f"{self.transfer_id:016x}",
+            "direction": self.direction,
+            "request_id": self.request_id,
+            "peer": self.peer,
+            "state": self.state,
+            "total_bytes": self.total_bytes,
+            "bytes_done": self.bytes_done,
+            "n_chunks": self.n_chunks,
+            "chunks_done": self.chunks_done,
+            "n_layers": self.n_layers,
+            "seconds": round(seconds, 6),
+            "goodput_GBps": round(self.bytes_done / seconds / 1e9, 4),
+            "error": self.error,
+        }

@@ -1,0 +1,135 @@
+"""Shared-memory staging arena: the buffer an engine and its local daemon both map.
+
+An engine writes a layer's bytes into the arena once; the daemon sends them to the
+wire straight from there (and on the receiving side, receives straight into it), so
+the engine<->daemon hop costs one memcpy instead of a socket round trip. The arena is
+a file under /dev/shm: the creator unlinks it once the daemon has mapped it, so it
+never outlives the two processes. With a GPU, the region is also page-locked
+(see :mod:`kvship.staging.pinned`) so device<->host copies run at full PCIe speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from collections import deque
+
+SHM_DIR = "/dev/shm"
+
+
+class Arena:
+    """A mapped shared-memory region; ``view(offset, length)`` gives writable memoryviews."""
+
+    def __init__(self, path: str, size: int, mm: mmap.mmap, owner: bool) -> None:
+        self.path = path
+        self.size = size
+        self._mmap = mm
+        self._owner = owner
+        self.buffer = memoryview(mm)
+
+    @classmethod
+    def create(cls, size: int, prefix: str = "kvship") -> Arena:
+        if size <= 0:
+            raise ValueError("arena size must be positive")
+        path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return cls(path, size, mm, owner=True)
+
+    @classmethod
+    def attach(cls, path: str, size: int) -> Arena:
+        """Map an arena another process created; refuses paths outside /dev/shm."""
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != SHM_DIR or not os.path.basename(real).startswith("kvship-"):
+            raise ValueError(f"arena path {path!r} is not a kvship file under {SHM_DIR}")
+        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size or size <= 0:
+                raise ValueError(f"arena {path!r} is {actual} B, announced {size} B")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(real, size, mm, owner=False)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"region {offset}+{length} outside the {self.size} B arena")
+        return self.buffer[offset : offset + length]
+
+    def unlink(self) -> None:
+        """Remove the name; the mapping lives on until both sides close it."""
+        if self._owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self._owner = False
+
+    def close(self) -> None:
+        self.unlink()
+        # While a view is still exported (an engine kept a layer array) the mapping
+        # cannot close now; it goes away with its last reference instead.
+        with contextlib.suppress(BufferError):
+            self.buffer.release()
+            self._mmap.close()
+
+
+class RingAllocator:
+    """Contiguous regions handed out in ring order; released in any order.
+
+    Staging traffic is FIFO-ish (chunks leave roughly in the order they came), so a
+    ring is simple and never fragments for long: space is reclaimed as soon as the
+    oldest live region is released.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._live: deque[list[int]] = deque()  # [offset, length, released]
+        self._by_offset: dict[int, list[int]] = {}
+        self._head = 0
+        self.in_use = 0
+
+    def allocate(self, length: int) -> int | None:
+        """Offset of a free region of ``length`` bytes, or None when the ring is full."""
+        if not 0 < length <= self.capacity:
+            raise ValueError(f"cannot allocate {length} B from a {self.capacity} B arena")
+        if not self._live:
+            offset = 0
+        else:
+            tail, head = self._live[0][0], self._head
+            if head > tail:
+                if self.capacity - head >= length:
+                    offset = head
+                elif tail >= length:
+                    offset = 0
+                else:
+                    return None
+            elif tail - head >= length:
+                offset = head
+            else:
+                return None
+        entry = [offset, length, 0]
+        self._live.append(entry)
+        self._by_offset[offset] = entry
+        self._head = offset + length
+        self.in_use += length
+        return offset
+
+    def release(self, offset: int, length: int) -> None:
+        entry = self._by_offset.pop(offset, None)
+        if entry is None or entry[1] != length:
+            raise ValueError(f"release of {offset}+{length}: no such region")
+        entry[2] = 1
+        self.in_use -= length
+        while self._live and self._live[0][2]:
+            self._live.popleft()
+        if not self._live:
+            self._head = 0
