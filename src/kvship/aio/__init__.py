@@ -5,5 +5,6 @@ same adapter, and the client may not import daemon internals (see docs/architect
 """
 
 from .framed import FramedProtocol, open_connection
+from .tasks import spawn
 
-__all__ = ["FramedProtocol", "open_connection"]
+__all__ = ["FramedProtocol", "open_connection", "spawn"]

@@ -17,15 +17,17 @@ MIB = 1024 * 1024
 class Client:
     """Talks to the local kvshipd (Unix socket path, or host:port for a remote engine host).
 
-    On a Unix socket the client and daemon share a staging arena (``arena_bytes`` of
-    shared memory per transfer), so KV crosses the engine<->daemon hop with one memcpy.
+    On a Unix socket the client and daemon share a staging arena of shared memory per
+    transfer (``arena_bytes`` for a send; for a receive, two of its largest layer up to
+    ``receive_arena_max``), so KV crosses the engine<->daemon hop with one memcpy.
     """
 
     def __init__(
         self,
         address: str | None = None,
         *,
-        arena_bytes: int = 64 * MIB,
+        arena_bytes: int = 32 * MIB,
+        receive_arena_max: int = 256 * MIB,
         chunk_bytes: int = 1 * MIB,
         use_shm: bool | None = None,
         connect_timeout: float = 10.0,
@@ -34,6 +36,7 @@ class Client:
             raise ValueError("chunk_bytes must be between 4 KiB and 4 MiB")
         self.address = address or default_address()
         self.arena_bytes = arena_bytes
+        self.receive_arena_max = receive_arena_max
         self.chunk_bytes = chunk_bytes
         self.use_shm = use_shm
         self.connect_timeout = connect_timeout
@@ -58,9 +61,7 @@ class Client:
         """Open a transfer of ``request_id`` to the daemon at ``peer`` (host:port)."""
         if not layout:
             raise ValueError("layout has no layers")
-        largest = max(spec.nbytes for spec in layout)
-        arena = max(self.chunk_bytes, min(self.arena_bytes, largest * 2 or self.chunk_bytes))
-        conn = await self._connect(arena)
+        conn = await self._connect(max(self.chunk_bytes, self.arena_bytes))
         return Sender(conn, request_id, layout, peer, token_ids, self.chunk_bytes, priority)
 
     async def send_arrays(
@@ -89,8 +90,8 @@ class Client:
         layers) for each next layer; raises :class:`kvship.errors.RequestNotFound` if it
         never comes.
         """
-        conn = await self._connect(self.arena_bytes)
+        conn = await self._connect(0)  # the arena comes once the layout is known
         assert conn.proto is not None
         timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
         conn.proto.send(Subscribe(request_id, timeout_ms))
-        return await open_receiver(conn, request_id, timeout)
+        return await open_receiver(conn, request_id, timeout, self.receive_arena_max)

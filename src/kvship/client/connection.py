@@ -43,6 +43,7 @@ class EngineConnection:
         self.allocator: RingAllocator | None = None
         self.pinned = False
         self.frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
+        self.failure: BaseException | None = None  # set when the transfer was aborted
         self.space = asyncio.Event()
         self.sink: Callable[[ChunkMeta, int], memoryview] | None = None
         self._attached: asyncio.Future[None] | None = None
@@ -61,11 +62,18 @@ class EngineConnection:
         except (OSError, TimeoutError, ValueError) as exc:
             raise DaemonUnavailable(f"cannot reach kvshipd at {address}: {exc}") from exc
         self.proto.conn.payload_sink = self._sink
-        if self.proto.conn.negotiated.capabilities & CAP_SHM and arena_bytes > 0:
-            await self._attach(arena_bytes, timeout)
+        if arena_bytes > 0:
+            await self.attach(arena_bytes, timeout)
         return self
 
-    async def _attach(self, size: int, timeout: float) -> None:
+    @property
+    def shm(self) -> bool:
+        return self.proto is not None and bool(self.proto.conn.negotiated.capabilities & CAP_SHM)
+
+    async def attach(self, size: int, timeout: float = 10.0) -> None:
+        """Share a staging arena of ``size`` bytes with the daemon (Unix socket only)."""
+        if not self.shm or self.arena is not None:
+            return
         assert self.proto is not None
         self.arena = Arena.create(size)
         self.pinned = pin(self.arena.buffer)
@@ -117,6 +125,8 @@ class EngineConnection:
         """An arena region, waiting for the daemon to release space when full."""
         assert self.allocator is not None
         while True:
+            if self.failure is not None:
+                raise self.failure
             offset = self.allocator.allocate(nbytes)
             if offset is not None:
                 return offset
@@ -124,6 +134,11 @@ class EngineConnection:
                 raise ConnectionError("connection to the daemon closed")
             self.space.clear()
             await self.space.wait()
+
+    def fail(self, error: BaseException) -> None:
+        """The transfer is over with ``error``: wake whoever waits for arena space."""
+        self.failure = error
+        self.space.set()
 
     def close(self) -> None:
         if self.proto is not None:

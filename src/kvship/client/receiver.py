@@ -73,6 +73,7 @@ class Receiver:
         delivered = 0
         try:
             while True:
+                self._release_held()  # the caller asked for more: the last view is done
                 try:
                     frame = await self._conn.next_frame(self.timeout)
                 except TimeoutError as exc:
@@ -82,7 +83,6 @@ class Receiver:
                 except ConnectionError as exc:
                     raise TransferError(ErrorCode.PEER_UNREACHABLE, str(exc)) from exc
                 if isinstance(frame, LayerReady):
-                    self._release_held()
                     spec = self.layout[frame.layer]
                     if frame.nbytes:
                         assert self._conn.arena is not None
@@ -94,17 +94,17 @@ class Receiver:
                     delivered += 1
                     yield frame.layer, (array.copy() if copy else array)
                 elif isinstance(frame, Chunk):
-                    self._release_held()
                     if chunk_checksum(frame.data) != frame.meta.checksum:
                         raise IntegrityError(ErrorCode.CHECKSUM_MISMATCH, "inline chunk corrupted")
                     layer = frame.meta.layer
+                    if self._conn.proto is not None:
+                        self._conn.proto.grant(len(frame.data))  # the bytes sit in our array now
                     self._pending[layer] -= 1
                     if self._pending[layer] == 0:
                         raw = self._inline.pop(layer)
                         delivered += 1
                         yield layer, _typed(raw, self.layout[layer])
                 elif isinstance(frame, Complete):
-                    self._release_held()
                     if delivered != len(self.layout):
                         raise error_for(ErrorCode.PROTOCOL_ERROR, "COMPLETE before every layer")
                     self.digest, self.complete = frame.digest, True
@@ -136,8 +136,14 @@ def _typed(raw: np.ndarray, spec: Any) -> np.ndarray:
     return raw.view(dt).reshape(spec.shape)
 
 
-async def open_receiver(conn: EngineConnection, request_id: str, timeout: float | None) -> Receiver:
-    """Wait for the daemon's OPEN (the layout) for ``request_id``."""
+async def open_receiver(
+    conn: EngineConnection, request_id: str, timeout: float | None, arena_max: int
+) -> Receiver:
+    """Wait for the daemon's OPEN (the layout) for ``request_id``, then size the arena.
+
+    The arena holds two of the largest layer (the engine reads one while the next
+    lands), capped at ``arena_max``; layers too large for it arrive inline instead.
+    """
     wait = None if timeout is None else timeout + 5.0  # the daemon answers NOT_FOUND first
     try:
         frame = await conn.next_frame(wait)
@@ -149,4 +155,7 @@ async def open_receiver(conn: EngineConnection, request_id: str, timeout: float 
     if not isinstance(frame, Open):
         conn.close()
         raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
+    largest = max(spec.nbytes for spec in frame.layers)
+    if largest and conn.shm:
+        await conn.attach(min(2 * largest, arena_max))
     return Receiver(conn, frame, timeout)

@@ -81,7 +81,9 @@ class Sender:
             if isinstance(frame, Complete):
                 return frame
             if isinstance(frame, Abort):
-                raise error_for(frame.code, frame.message)
+                error = error_for(frame.code, frame.message)
+                self._conn.fail(error)
+                raise error
 
     def _check_failed(self) -> None:
         if self._outcome is not None and self._outcome.done() and not self._outcome.cancelled():
@@ -108,10 +110,14 @@ class Sender:
                 f"{expect.dtype} {expect.shape} ({expect.nbytes} B)"
             )
         self._put[layer] = True
-        if self._conn.allocator is not None:
-            await self._put_shm(layer, array)
-        else:
-            await self._put_inline(layer, array)
+        try:
+            if self._conn.allocator is not None:
+                await self._put_shm(layer, array)
+            else:
+                await self._put_inline(layer, array)
+        except ConnectionError as exc:
+            self._check_failed()  # the daemon's ABORT says more than the closed socket
+            raise TransferError(ErrorCode.PEER_UNREACHABLE, f"daemon connection lost: {exc}") from exc
 
     def _chunks(self, layer: int) -> range:
         return range(self._starts[layer], self._starts[layer + 1])

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from ..aio import FramedProtocol
+from ..aio import FramedProtocol, spawn
 from ..protocol import (
     CAP_SHM,
     Abort,
@@ -140,7 +140,7 @@ class EngineSession:
         tid = len(self.subs) + 1
         sub = Subscription(self, conn, tid, frame)
         self.subs[tid] = sub
-        sub.task = asyncio.create_task(sub.run(), name=f"sub-{frame.request_id}")
+        sub.task = spawn(sub.run(), name=f"sub-{frame.request_id}")
 
     def _on_release(self, frame: Release) -> None:
         for sub in self.subs.values():
@@ -172,8 +172,13 @@ class Subscription:
         self.allocator: RingAllocator | None = None
         self.task: asyncio.Task[None] | None = None
 
+    def fits(self, nbytes: int) -> bool:
+        """Layers go through the arena only if two fit: the engine holds one while the
+        next is placed, so a bigger layer could wait forever; those go inline."""
+        return self.allocator is not None and 0 < nbytes <= self.allocator.capacity // 2
+
     def reserve(self, nbytes: int) -> int | None:
-        if self.allocator is None or not 0 < nbytes <= self.allocator.capacity:
+        if self.allocator is None or not self.fits(nbytes):
             return None
         return self.allocator.allocate(nbytes)
 
@@ -201,11 +206,10 @@ class Subscription:
         self.transfer = transfer
         try:
             await self._deliver(transfer)
-        except asyncio.CancelledError:
-            transfer.subscriber = None
+        except (asyncio.CancelledError, ConnectionError):
+            # Part of it may sit in this engine's arena: it cannot be handed to anyone else.
+            transfer.fail(ErrorCode.CANCELLED, "the receiving engine went away")
             raise
-        except ConnectionError:
-            transfer.subscriber = None
 
     async def _deliver(self, transfer: IncomingTransfer) -> None:
         conn, opened = self.conn, transfer.opened
@@ -225,11 +229,16 @@ class Subscription:
             self.allocator = RingAllocator(self.session.arena.size)
         delivered = 0
         while True:
-            while transfer.ready and transfer.state != "failed":
-                if not await self._deliver_layer(transfer, transfer.ready[0]):
-                    break
-                transfer.ready.popleft()
-                delivered += 1
+            # Deliver whatever can go now, not strictly in order: a layer waiting for
+            # arena space must not hold back layers that already sit in their regions.
+            progress = True
+            while progress and transfer.state != "failed":
+                progress = False
+                for layer in list(transfer.ready):
+                    if await self._deliver_layer(transfer, layer):
+                        transfer.ready.remove(layer)
+                        delivered += 1
+                        progress = True
             if transfer.state == "failed":
                 assert transfer.error is not None
                 code, message = transfer.error
@@ -239,25 +248,28 @@ class Subscription:
                 conn.send(Complete(self.tid, opened.total_bytes, transfer.digest.value()))
                 transfer.delivered()
                 return
+            log.debug("sub %s waits: state=%s ready=%s regions=%s held=%s alloc=%s delivered=%d",
+                      self.request.request_id, transfer.state, list(transfer.ready),
+                      transfer.placement, {k: len(v) for k, v in transfer.held.items()},
+                      self.allocator and list(self.allocator._live), delivered)
             await transfer.changed.wait()
             transfer.changed.clear()
 
     async def _deliver_layer(self, transfer: IncomingTransfer, layer: int) -> bool:
         """Hand one complete layer to the engine; False when arena space must free first."""
         nbytes = transfer.layers[layer].nbytes
-        offset = transfer.regions.pop(layer, None)
-        if offset is None and nbytes and self.allocator is not None:
-            if nbytes <= self.allocator.capacity:
-                offset = self.allocator.allocate(nbytes)
-                if offset is None:
-                    return False
-                for chunk_offset, buf in transfer.held.get(layer, []):
-                    self.view(offset + chunk_offset, len(buf))[:] = buf
-                transfer.release_layer(layer)
+        offset = transfer.placement.pop(layer, None)
+        if offset is None and self.allocator is not None and self.fits(nbytes):
+            offset = self.allocator.allocate(nbytes)
+            if offset is None:
+                return False
+            for chunk_offset, buf in transfer.held.get(layer, []):
+                self.view(offset + chunk_offset, len(buf))[:] = buf
+            transfer.release_layer(layer)
         if offset is not None or nbytes == 0:
             self.conn.send(LayerReady(self.tid, layer, offset or 0, nbytes))
             return True
-        # Inline: no arena, or a layer larger than the whole arena.
+        # Inline: no arena, or a layer too large for it.
         chunk_size, first = transfer.opened.chunk_size, transfer.starts[layer]
         for chunk_offset, buf in sorted(transfer.held.get(layer, [])):
             meta = ChunkMeta(

@@ -11,6 +11,12 @@ class Metrics:
         self.bytes_sent = Counter(
             "kvship_payload_bytes_sent", "KV bytes sent to peer daemons", ["peer"], registry=r
         )
+        self.wire_bytes_sent = Counter(
+            "kvship_wire_bytes_sent",
+            "Bytes put on peer connections for chunks (headers included)",
+            ["peer"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "kvship_payload_bytes_received", "KV bytes received from peer daemons", registry=r
         )

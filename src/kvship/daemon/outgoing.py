@@ -15,8 +15,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..aio import FramedProtocol
+from ..aio import FramedProtocol, spawn
 from ..protocol import (
+    HEADER_SIZE,
     Abort,
     ChunkMeta,
     Complete,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvship.out")
 
 Release = Callable[[], None]
+CHUNK_OVERHEAD = HEADER_SIZE + ChunkMeta.FIXED.size  # bytes a CHUNK frame adds to its data
 _END = object()
 
 
@@ -70,7 +72,7 @@ class OutgoingTransfer:
 
     # ----------------------------------------------------------- engine side
     def start(self) -> None:
-        self.tasks.append(asyncio.create_task(self._run(), name=f"out-{self.id:x}"))
+        self.tasks.append(spawn(self._run(), name=f"out-{self.id:x}"))
 
     def add_chunk(self, meta: ChunkMeta, data: memoryview, release: Release) -> None:
         """A chunk from the engine: verify, then queue it on its stripe."""
@@ -128,13 +130,14 @@ class OutgoingTransfer:
                 )
             )
         self.tasks.extend(
-            asyncio.create_task(self._stripe(i, conn), name=f"out-{self.id:x}-{i}")
+            spawn(self._stripe(i, conn), name=f"out-{self.id:x}-{i}")
             for i, conn in enumerate(conns)
         )
 
     async def _stripe(self, index: int, conn: FramedProtocol) -> None:
         queue, metrics = self.queues[index], self.daemon.metrics
         sent_bytes = metrics.bytes_sent.labels(self.opened.peer)
+        wire_bytes = metrics.wire_bytes_sent.labels(self.opened.peer)
         while True:
             item = await queue.get()
             if item is _END:
@@ -151,6 +154,7 @@ class OutgoingTransfer:
             self.record.bytes_done += len(data)
             self.record.chunks_done += 1
             sent_bytes.inc(len(data))
+            wire_bytes.inc(len(data) + CHUNK_OVERHEAD)
             metrics.chunks_sent.inc()
 
     def on_complete(self, frame: Complete) -> None:

@@ -56,9 +56,9 @@ def add_simulate_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--deployment",
-        choices=DEPLOYMENT_CHOICES,
         default="all",
-        help="which deployment to simulate (default all)",
+        metavar="|".join(DEPLOYMENT_CHOICES),
+        help="which deployment of the profile to simulate (default all)",
     )
     p.add_argument(
         "--requests", type=int, default=4000, metavar="N", help="requests per run (default 4000)"

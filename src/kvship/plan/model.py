@@ -69,8 +69,9 @@ def _interp_extrapolate(q: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarr
     return np.where(q > x[-1], y[-1] + (q - x[-1]) * hi_slope, out)
 
 
-def make_curve(field_name: str, tokens: Any, values: Any, interpolation: str,
-               tokens_field: str | None = None) -> Curve:
+def make_curve(
+    field_name: str, tokens: Any, values: Any, interpolation: str, tokens_field: str | None = None
+) -> Curve:
     """Validate one curve: at least two points, tokens strictly increasing, values positive
     and non-decreasing (a longer prompt never prefills faster or yields less KV)."""
     if interpolation not in INTERPOLATIONS:
@@ -252,8 +253,11 @@ def _hardware(name: str, t: Mapping[str, Any]) -> HardwareClass:
         raise PlanError(f"{where}.prefill_s: missing")
     tokens = t["tokens"]
     prefill = make_curve(f"{where}.prefill_s", tokens, t["prefill_s"], interp, f"{where}.tokens")
-    kv = (make_curve(f"{where}.kv_mib", tokens, t["kv_mib"], interp, f"{where}.tokens")
-          if "kv_mib" in t else None)
+    kv = (
+        make_curve(f"{where}.kv_mib", tokens, t["kv_mib"], interp, f"{where}.tokens")
+        if "kv_mib" in t
+        else None
+    )
     batch = _num(t, where, "decode_batch", positive=True) if "decode_batch" in t else None
     return HardwareClass(name, prefill, kv, batch, str(t.get("description", "")))
 
@@ -412,11 +416,11 @@ def _point(dep: Deployment, s: Mapping[str, np.ndarray], i: int, n_p: int) -> Op
 
     p = float(s["p"][i])
     remote = dep.remote_instances > 0
-    terms = {
-        "decode": float(s["theta_pd_d"][i]),
-        "local prefill": float(s["cap_local"][i]),
+    terms = {  # every stage within 0.1 % of Λ counts as a bottleneck
         "remote prefill": float(s["theta_prfaas_compute"][i]) / p if remote and p > 0 else math.inf,
         "link": float(s["theta_prfaas_link"][i]) / p if remote and p > 0 else math.inf,
+        "local prefill": float(s["cap_local"][i]),
+        "decode": float(s["theta_pd_d"][i]),
     }
     lam = float(s["lambda"][i])
     egress = float(s["egress_gbps"][i])
@@ -436,7 +440,7 @@ def _point(dep: Deployment, s: Mapping[str, np.ndarray], i: int, n_p: int) -> Op
         theta_pd_p=float(s["theta_pd_p"][i]) if n_p > 0 else None,
         theta_pd_d=float(s["theta_pd_d"][i]),
         lambda_max=lam,
-        bottleneck=min(terms, key=lambda k: terms[k]),
+        bottleneck=" + ".join(k for k, v in terms.items() if v <= lam * (1 + 1e-3)),
         egress_gbps=egress,
         link_gbps=dep.link_gbps,
         link_utilization=egress / dep.link_gbps if dep.link_gbps > 0 else 0.0,

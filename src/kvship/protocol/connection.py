@@ -130,6 +130,7 @@ class Connection:
         self._body_length = 0
         self._chunk_meta: ChunkMeta | None = None
         self._started = False
+        self._hello: Hello | None = None  # what initiate() offered, to check the ACK against
 
     # ------------------------------------------------------------------ state
     @property
@@ -150,6 +151,7 @@ class Connection:
         if not self.initiator or self._started:
             raise RuntimeError("initiate() is for a fresh initiator connection")
         self._started = True
+        self._hello = hello
         return MAGIC + hello.encode()
 
     def accept(self, node_name: str = "", capabilities: int = KNOWN_CAPS) -> bytes:
@@ -189,13 +191,17 @@ class Connection:
         self.state = State.AWAIT_ACCEPT
 
     def _on_hello_ack(self, ack: HelloAck) -> None:
-        if not MIN_VERSION <= ack.version <= PROTOCOL_VERSION:
+        lo, hi, offered = MIN_VERSION, PROTOCOL_VERSION, KNOWN_CAPS
+        if self._hello is not None:  # the ACK may only pick from what our HELLO offered
+            lo, hi = max(lo, self._hello.min_version), min(hi, self._hello.max_version)
+            offered &= self._hello.capabilities
+        if not lo <= ack.version <= hi:
             raise self._fail(
                 ErrorCode.UNSUPPORTED_VERSION, f"peer chose version {ack.version}, not offered"
             )
         neg = self.negotiated
         neg.version = ack.version
-        neg.capabilities = ack.capabilities & KNOWN_CAPS
+        neg.capabilities = ack.capabilities & offered
         neg.peer_name = ack.node_name
         neg.peer_limits = Limits(
             ack.max_frame, ack.max_chunk, ack.max_transfers, ack.initial_window

@@ -131,5 +131,6 @@ class RingAllocator:
         self.in_use -= length
         while self._live and self._live[0][2]:
             self._live.popleft()
-        if not self._live:
-            self._head = 0
+        while self._live and self._live[-1][2]:  # the newest end frees up too
+            self._live.pop()
+        self._head = self._live[-1][0] + self._live[-1][1] if self._live else 0

@@ -1,0 +1,1 @@
+"""Benchmarks and the real-process harness (daemons as subprocesses on loopback)."""

@@ -1,0 +1,179 @@
+"""``kvship bench``: ship N bytes of KV client -> kvshipd -> kvshipd -> client on loopback,
+and measure the plain-uvloop baseline in the same run.
+
+Every process is real: two daemons, a sending engine and a receiving engine (four
+processes), and for the baseline two plain uvloop processes. Figures are medians over
+``--repeat`` runs, baseline and kvship interleaved so both see the same machine noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .spawn import DaemonProcess
+
+GIB = 1 << 30
+
+
+def _run_json(args: list[str], timeout: float) -> Any:
+    out = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} failed: {out.stderr.decode()[-2000:]}")
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
+    """Seconds for ``total`` bytes through one plain uvloop TCP hop."""
+    port_file = workdir / f"baseline-{uuid.uuid4().hex}.port"
+    cmd = [sys.executable, "-m", "kvship.bench.baseline"]
+    recv = subprocess.Popen(
+        [*cmd, "recv", "--bytes", str(total), "--port-file", str(port_file)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text()):
+            if time.monotonic() > deadline or recv.poll() is not None:
+                raise RuntimeError("baseline receiver did not start")
+            time.sleep(0.01)
+        sent = _run_json(
+            [*cmd, "send", "--bytes", str(total), "--port", port_file.read_text(),
+             "--chunk-bytes", str(chunk)],
+            timeout=600,
+        )
+        out, _ = recv.communicate(timeout=600)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    return float(json.loads(out.decode().strip())["t_end"]) - float(sent["t_start"])
+
+
+def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    daemon_args = ["--chunk-bytes", str(opts.chunk_bytes),
+                   "--connections-per-peer", str(opts.connections), "--log-level", "warning"]
+    a = DaemonProcess("prefill", workdir, daemon_args)
+    b = DaemonProcess("decode", workdir, daemon_args)
+    a.start()
+    try:
+        b.start()
+        request_id = f"bench-{uuid.uuid4().hex[:12]}"
+        common = ["--request-id", request_id, "--bytes", str(opts.bytes),
+                  "--layers", str(opts.layers), "--chunk-bytes", str(opts.chunk_bytes),
+                  "--arena-bytes", str(opts.arena_bytes)]
+        worker = [sys.executable, "-m", "kvship.bench.workers"]
+        recv = subprocess.Popen(
+            [*worker, "recv", "--address", b.socket_path, *common], stdout=subprocess.PIPE
+        )
+        send_args = [*worker, "send", "--address", a.socket_path, "--peer", b.peer, *common]
+        if opts.data:
+            send_args += ["--data", opts.data]
+        if opts.layer_interval_ms:
+            send_args += ["--layer-interval-ms", str(opts.layer_interval_ms)]
+        sent = _run_json(send_args, timeout=900)
+        out, _ = recv.communicate(timeout=120)
+        if recv.returncode != 0:
+            raise RuntimeError("receiving engine failed")
+        got = json.loads(out.decode().strip().splitlines()[-1])
+        wire_bytes = a.metric("kvship_wire_bytes_sent")
+        rss = {"sender": a.peak_rss_mib(), "receiver": b.peak_rss_mib()}
+    finally:
+        a.stop()
+        b.stop()
+    seconds = got["t_last_layer"] - sent["t_first_put"]
+    return {
+        "seconds": seconds,
+        "tail_lag_s": got["t_last_layer"] - sent["t_last_put"],
+        "wire_bytes": int(wire_bytes),
+        "payload_bytes": int(sent["payload_bytes"]),
+        "digest_match": bool(
+            got["complete"]
+            and got["digests"] == sent["digests"]
+            and got["transfer_digest"] == sent["transfer_digest"]
+        ),
+        "rss": rss,
+    }
+
+
+def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
+    if opts.bytes < opts.layers or opts.bytes % (2 * opts.layers):
+        raise ValueError("--bytes must be a multiple of 2 x --layers (fp16 layers)")
+    runs, baselines = [], []
+    with tempfile.TemporaryDirectory(prefix="kvship-bench-") as tmp:
+        workdir = Path(tmp)
+        for i in range(opts.repeat):
+            if not opts.no_baseline:
+                baselines.append(measure_baseline(opts.bytes, opts.chunk_bytes, workdir))
+            runs.append(measure_kvship(opts, workdir))
+            if not opts.json:
+                print(f"run {i + 1}/{opts.repeat}: {opts.bytes / runs[-1]['seconds'] / 1e9:.2f} "
+                      "GB/s", file=sys.stderr)
+    seconds = statistics.median(r["seconds"] for r in runs)
+    goodput = opts.bytes / seconds / 1e9
+    baseline = opts.bytes / statistics.median(baselines) / 1e9 if baselines else None
+    layer_bytes = opts.bytes // opts.layers
+    layer_wire_ms = layer_bytes / (goodput * 1e9) * 1000
+    return {
+        "payload_bytes": runs[0]["payload_bytes"],
+        "wire_bytes": runs[0]["wire_bytes"],
+        "layers": opts.layers,
+        "chunk_bytes": opts.chunk_bytes,
+        "connections": opts.connections,
+        "repeat": opts.repeat,
+        "seconds": round(seconds, 4),
+        "goodput_GBps": round(goodput, 3),
+        "baseline_GBps": None if baseline is None else round(baseline, 3),
+        "ratio_vs_baseline": None if baseline is None else round(goodput / baseline, 3),
+        "digest_match": all(r["digest_match"] for r in runs),
+        "sender_peak_rss_MiB": round(max(r["rss"]["sender"] for r in runs), 1),
+        "receiver_peak_rss_MiB": round(max(r["rss"]["receiver"] for r in runs), 1),
+        "tail_lag_ms": round(statistics.median(r["tail_lag_s"] for r in runs) * 1000, 2),
+        "layer_wire_ms": round(layer_wire_ms, 2),
+        "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
+        "baseline_runs_GBps": [round(opts.bytes / s / 1e9, 3) for s in baselines],
+    }
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``512MiB``, ``4g``, ``1000000`` -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def add_bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="measure client->daemon->daemon->client vs plain uvloop")
+    p.add_argument("--bytes", type=parse_size, default=GIB, help="payload (default 1GiB)")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--chunk-bytes", type=parse_size, default=1 << 20)
+    p.add_argument("--arena-bytes", type=parse_size, default=32 << 20,
+                   help="engine staging arena (shared memory)")
+    p.add_argument("--connections", type=int, default=4, help="TCP connections per peer link")
+    p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--layer-interval-ms", type=float, default=0.0,
+                   help="pause between puts, to model a prefill producing layers")
+    p.add_argument("--data", default="", help="an .npy of real KV, repeated to --bytes")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(opts: argparse.Namespace) -> int:
+    result = run_bench(opts)
+    if opts.json:
+        print(json.dumps(result))
+        return 0 if result["digest_match"] else 1
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    return 0 if result["digest_match"] else 1
