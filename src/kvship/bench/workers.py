@@ -47,6 +47,7 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
     client = Client(args.address, arena_bytes=args.arena_bytes, chunk_bytes=args.chunk_bytes)
     digests = []
     sender = await client.send(args.request_id, layout, peer=args.peer, token_ids=range(128))
+    cpu0 = time.process_time()
     t_first = time.monotonic()
     put_done = []
     for layer in range(args.layers):
@@ -61,6 +62,7 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
         "t_first_put": t_first,
         "t_last_put": put_done[-1],
         "t_acked": time.monotonic(),
+        "cpu_s": time.process_time() - cpu0,
         "digests": digests,
         "transfer_digest": result.digest,
         "payload_bytes": result.total_bytes,
@@ -70,6 +72,7 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
 async def recv(args: argparse.Namespace) -> dict[str, object]:
     client = Client(args.address, arena_bytes=args.arena_bytes)
     receiver = await client.receive(args.request_id, timeout=120)
+    cpu0 = time.process_time()
     digests: dict[int, str] = {}
     arrivals = []
     async for layer, array in receiver:
@@ -80,6 +83,7 @@ async def recv(args: argparse.Namespace) -> dict[str, object]:
         "t_last_layer": arrivals[-1],
         "digests": [digests[i] for i in range(len(digests))],
         "complete": receiver.complete,
+        "cpu_s": time.process_time() - cpu0,
         "transfer_digest": receiver.digest,
     }
 

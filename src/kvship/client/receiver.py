@@ -141,8 +141,9 @@ async def open_receiver(
 ) -> Receiver:
     """Wait for the daemon's OPEN (the layout) for ``request_id``, then size the arena.
 
-    The arena holds two of the largest layer (the engine reads one while the next
-    lands), capped at ``arena_max``; layers too large for it arrive inline instead.
+    The arena holds four of the largest layer (the engine reads one, the next is
+    ready, and chunks of two more are landing over the stripes), at least 64 MiB and at
+    most ``arena_max``; layers too large for half of it arrive inline instead.
     """
     wait = None if timeout is None else timeout + 5.0  # the daemon answers NOT_FOUND first
     try:
@@ -157,5 +158,5 @@ async def open_receiver(
         raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
     largest = max(spec.nbytes for spec in frame.layers)
     if largest and conn.shm:
-        await conn.attach(min(2 * largest, arena_max))
+        await conn.attach(min(max(4 * largest, 64 << 20), arena_max))
     return Receiver(conn, frame, timeout)
