@@ -46,8 +46,16 @@ def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
                 raise RuntimeError("baseline receiver did not start")
             time.sleep(0.01)
         sent = _run_json(
-            [*cmd, "send", "--bytes", str(total), "--port", port_file.read_text(),
-             "--chunk-bytes", str(chunk)],
+            [
+                *cmd,
+                "send",
+                "--bytes",
+                str(total),
+                "--port",
+                port_file.read_text(),
+                "--chunk-bytes",
+                str(chunk),
+            ],
             timeout=600,
         )
         out, _ = recv.communicate(timeout=600)
@@ -58,17 +66,32 @@ def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
 
 
 def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    daemon_args = ["--chunk-bytes", str(opts.chunk_bytes),
-                   "--connections-per-peer", str(opts.connections), "--log-level", "warning"]
+    daemon_args = [
+        "--chunk-bytes",
+        str(opts.chunk_bytes),
+        "--connections-per-peer",
+        str(opts.connections),
+        "--log-level",
+        "warning",
+    ]
     a = DaemonProcess("prefill", workdir, daemon_args)
     b = DaemonProcess("decode", workdir, daemon_args)
     a.start()
     try:
         b.start()
         request_id = f"bench-{uuid.uuid4().hex[:12]}"
-        common = ["--request-id", request_id, "--bytes", str(opts.bytes),
-                  "--layers", str(opts.layers), "--chunk-bytes", str(opts.chunk_bytes),
-                  "--arena-bytes", str(opts.arena_bytes)]
+        common = [
+            "--request-id",
+            request_id,
+            "--bytes",
+            str(opts.bytes),
+            "--layers",
+            str(opts.layers),
+            "--chunk-bytes",
+            str(opts.chunk_bytes),
+            "--arena-bytes",
+            str(opts.arena_bytes),
+        ]
         worker = [sys.executable, "-m", "kvship.bench.workers"]
         recv = subprocess.Popen(
             [*worker, "recv", "--address", b.socket_path, *common], stdout=subprocess.PIPE
@@ -114,8 +137,10 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
                 baselines.append(measure_baseline(opts.bytes, opts.chunk_bytes, workdir))
             runs.append(measure_kvship(opts, workdir))
             if not opts.json:
-                print(f"run {i + 1}/{opts.repeat}: {opts.bytes / runs[-1]['seconds'] / 1e9:.2f} "
-                      "GB/s", file=sys.stderr)
+                print(
+                    f"run {i + 1}/{opts.repeat}: {opts.bytes / runs[-1]['seconds'] / 1e9:.2f} GB/s",
+                    file=sys.stderr,
+                )
     seconds = statistics.median(r["seconds"] for r in runs)
     goodput = opts.bytes / seconds / 1e9
     baseline = opts.bytes / statistics.median(baselines) / 1e9 if baselines else None
@@ -156,12 +181,20 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--bytes", type=parse_size, default=GIB, help="payload (default 1GiB)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--chunk-bytes", type=parse_size, default=1 << 20)
-    p.add_argument("--arena-bytes", type=parse_size, default=32 << 20,
-                   help="engine staging arena (shared memory)")
+    p.add_argument(
+        "--arena-bytes",
+        type=parse_size,
+        default=32 << 20,
+        help="engine staging arena (shared memory)",
+    )
     p.add_argument("--connections", type=int, default=4, help="TCP connections per peer link")
     p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
-    p.add_argument("--layer-interval-ms", type=float, default=0.0,
-                   help="pause between puts, to model a prefill producing layers")
+    p.add_argument(
+        "--layer-interval-ms",
+        type=float,
+        default=0.0,
+        help="pause between puts, to model a prefill producing layers",
+    )
     p.add_argument("--data", default="", help="an .npy of real KV, repeated to --bytes")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")

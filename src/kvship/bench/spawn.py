@@ -88,8 +88,11 @@ class DaemonProcess:
         for line in self.metrics_text().splitlines():
             if line.startswith(name) and not line.startswith("#") and labels in line:
                 head = line.split(" ")[0]
-                if head == name or head.startswith(name + "{") or head == name + "_total" or (
-                    head.startswith(name + "_total{")
+                if (
+                    head == name
+                    or head.startswith(name + "{")
+                    or head == name + "_total"
+                    or (head.startswith(name + "_total{"))
                 ):
                     total += float(line.rsplit(" ", 1)[1])
         return total
@@ -124,9 +127,9 @@ class DaemonProcess:
         self.stop()
 
 
-def daemon_pair(workdir: str | None = None, extra_args: list[str] | None = None) -> tuple[
-    DaemonProcess, DaemonProcess
-]:
+def daemon_pair(
+    workdir: str | None = None, extra_args: list[str] | None = None
+) -> tuple[DaemonProcess, DaemonProcess]:
     """Two started daemons, "prefill" and "decode", in ``workdir`` (a temp dir if None)."""
     root = Path(workdir or tempfile.mkdtemp(prefix="kvship-"))
     os.makedirs(root, exist_ok=True)

@@ -117,7 +117,9 @@ class Sender:
                 await self._put_inline(layer, array)
         except ConnectionError as exc:
             self._check_failed()  # the daemon's ABORT says more than the closed socket
-            raise TransferError(ErrorCode.PEER_UNREACHABLE, f"daemon connection lost: {exc}") from exc
+            raise TransferError(
+                ErrorCode.PEER_UNREACHABLE, f"daemon connection lost: {exc}"
+            ) from exc
 
     def _chunks(self, layer: int) -> range:
         return range(self._starts[layer], self._starts[layer + 1])

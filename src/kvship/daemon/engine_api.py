@@ -248,10 +248,16 @@ class Subscription:
                 conn.send(Complete(self.tid, opened.total_bytes, transfer.digest.value()))
                 transfer.delivered()
                 return
-            log.debug("sub %s waits: state=%s ready=%s regions=%s held=%s alloc=%s delivered=%d",
-                      self.request.request_id, transfer.state, list(transfer.ready),
-                      transfer.placement, {k: len(v) for k, v in transfer.held.items()},
-                      self.allocator and list(self.allocator._live), delivered)
+            log.debug(
+                "sub %s waits: state=%s ready=%s regions=%s held=%s alloc=%s delivered=%d",
+                self.request.request_id,
+                transfer.state,
+                list(transfer.ready),
+                transfer.placement,
+                {k: len(v) for k, v in transfer.held.items()},
+                self.allocator and list(self.allocator._live),
+                delivered,
+            )
             await transfer.changed.wait()
             transfer.changed.clear()
 

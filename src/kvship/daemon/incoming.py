@@ -175,6 +175,8 @@ class IncomingTransfer:
         )
         if tell_sender and self.state == "receiving":
             self._to_sender(Abort(self.id, int(code), message))
+        for conn in self.stripe_conns.values():
+            conn.conn.forget(self.id)  # chunks already in flight get dropped quietly
         self.state = "failed"
         self.error = (code, message)
         self.free_held()

@@ -183,12 +183,12 @@ class OutgoingTransfer:
         if tell_engine:
             with contextlib.suppress(ConnectionError):
                 self.engine.send(Abort(self.engine_tid, int(code), message))
-        if tell_peer and self.link is not None:
+        if tell_peer and self.link is not None and self.link.transfers.get(self.id) is self:
+            # Every stripe: each connection's receiver tracks the transfer on its own.
             for conn in self.link.conns:
                 if conn.is_open:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         conn.send(Abort(self.id, int(code), message))
-                    break
         self._finish("failed", f"{code.name}: {message}")
 
     def _finish(self, state: str, error: str = "") -> None:

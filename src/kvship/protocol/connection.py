@@ -14,12 +14,14 @@ dead from then on (``closed`` is True); :meth:`goaway_for` gives the bytes to se
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from .errors import ErrorCode, ProtocolError
 from .frames import (
+    CAP_STRIPING,
     CODEC_RAW,
     DECODERS,
     FLAG_IGNORABLE,
@@ -48,6 +50,8 @@ from .frames import (
 
 KIB = 1024
 MIB = 1024 * KIB
+MAX_CHUNKS = 1 << 20  # per transfer: bounds the receiver's per-chunk bookkeeping (~9 MiB)
+FORGOTTEN_MAX = 1024  # ended transfers whose late chunks are still dropped quietly
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,9 @@ class Connection:
         self.send_credit = 0  # chunk bytes we may still send
         self.recv_window = 0  # chunk bytes the peer may still send us
         self._incoming: dict[int, _Incoming] = {}
+        # Transfers this side ended on its own (ABORT sent): chunks the peer had already
+        # put on the wire keep arriving for a while and are dropped, not a protocol error.
+        self._forgotten: OrderedDict[int, None] = OrderedDict()
         self._read = _Read.HEADER if initiator else _Read.PREFACE
         self._scratch = memoryview(bytearray(ChunkMeta.FIXED.size))
         self._buf: memoryview = self._scratch[: len(MAGIC) if not initiator else HEADER_SIZE]
@@ -242,6 +249,20 @@ class Connection:
         if self.recv_window > MAX_WINDOW:
             raise RuntimeError("receive window above 2^31-1")
         return self.send(Credit(increment))
+
+    def forget(self, transfer_id: int) -> None:
+        """Stop tracking an incoming transfer this side gave up on (after sending ABORT).
+
+        Its late CHUNK and END frames still parse, count against flow control and come
+        out as events, so the application can drop them and return the credit.
+        """
+        self._incoming.pop(transfer_id, None)
+        self._forgotten[transfer_id] = None
+        while len(self._forgotten) > FORGOTTEN_MAX:
+            self._forgotten.popitem(last=False)
+
+    def is_forgotten(self, transfer_id: int) -> bool:
+        return transfer_id in self._forgotten
 
     def goaway_for(self, error: ProtocolError) -> bytes:
         """Bytes that tell the peer why we close (valid even after the machine failed)."""
@@ -382,7 +403,8 @@ class Connection:
         elif isinstance(frame, ShmChunk):
             self._check_chunk(frame.meta, frame.meta.raw_length)
         elif isinstance(frame, Abort):
-            self._incoming.pop(frame.transfer_id, None)
+            if frame.transfer_id in self._incoming:
+                self.forget(frame.transfer_id)
         elif isinstance(frame, Credit):
             self.send_credit += frame.increment
             if self.send_credit > MAX_WINDOW:
@@ -392,6 +414,14 @@ class Connection:
         return [frame]
 
     def _on_open(self, frame: Open) -> None:
+        self._forgotten.pop(frame.transfer_id, None)
+        if frame.n_stripes > 1 and not self.negotiated.capabilities & CAP_STRIPING:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "striped OPEN without CAP_STRIPING")
+        if frame.n_chunks > MAX_CHUNKS:
+            raise self._fail(
+                ErrorCode.TRANSFER_TOO_LARGE,
+                f"transfer of {frame.n_chunks} chunks; at most {MAX_CHUNKS} (raise chunk_size)",
+            )
         if frame.transfer_id in self._incoming:
             raise self._fail(
                 ErrorCode.PROTOCOL_ERROR, f"transfer {frame.transfer_id:#x} opened twice"
@@ -411,6 +441,8 @@ class Connection:
 
     def _on_end(self, frame: End) -> None:
         incoming = self._incoming.pop(frame.transfer_id, None)
+        if incoming is None and frame.transfer_id in self._forgotten:
+            return
         if incoming is None:
             raise self._fail(
                 ErrorCode.UNKNOWN_TRANSFER, f"END for transfer {frame.transfer_id:#x} not open"
@@ -424,6 +456,10 @@ class Connection:
 
     def _check_chunk(self, meta: ChunkMeta, wire_length: int) -> None:
         incoming = self._incoming.get(meta.transfer_id)
+        if incoming is None and meta.transfer_id in self._forgotten:
+            if meta.codec != CODEC_RAW or wire_length > self.limits.max_chunk:
+                raise self._fail(ErrorCode.MALFORMED_FRAME, "bad chunk for an ended transfer")
+            return
         if incoming is None:
             raise self._fail(
                 ErrorCode.UNKNOWN_TRANSFER, f"chunk for transfer {meta.transfer_id:#x} not open"

@@ -34,6 +34,7 @@ class ErrorCode(IntEnum):
     PEER_UNREACHABLE = 18  # the daemon could not reach the destination daemon
     UNSUPPORTED_CODEC = 19  # a chunk codec this side cannot decode
     TIMEOUT = 20  # a transfer stalled past its deadline
+    TRANSFER_TOO_LARGE = 21  # more chunks in one transfer than MAX_CHUNKS
 
 
 class ProtocolError(Exception):
