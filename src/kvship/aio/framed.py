@@ -52,6 +52,8 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._drained.set()
         self._credit = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self._pending_grant = 0
+        self._grant_scheduled = False
         self.peername: str = "?"
         self.handshake: asyncio.Future[HelloAck | Hello | GoAway] = (
             asyncio.get_running_loop().create_future()
@@ -163,8 +165,24 @@ class FramedProtocol(asyncio.BufferedProtocol):
             await self.drain()
 
     def grant(self, nbytes: int) -> None:
-        if self.is_open:
-            self.write(self.conn.grant(nbytes))
+        """Return ``nbytes`` of credit to the peer, coalesced into few CREDIT frames.
+
+        Grants made while one batch of received data is processed go out together at the
+        end of this loop iteration (or at once past an eighth of the window), so a busy
+        receiver sends one CREDIT per burst rather than one per chunk.
+        """
+        self._pending_grant += nbytes
+        if self._pending_grant >= self.conn.limits.initial_window // 8:
+            self._flush_grant()
+        elif not self._grant_scheduled:
+            self._grant_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_grant)
+
+    def _flush_grant(self) -> None:
+        self._grant_scheduled = False
+        pending, self._pending_grant = self._pending_grant, 0
+        if pending and self.is_open:
+            self.write(self.conn.grant(pending))
 
     def fail(self, error: ProtocolError) -> None:
         """Close this connection because of ``error`` (after telling the peer why)."""

@@ -32,7 +32,7 @@ class Config:
     chunk_bytes: int = 1 * MIB
     window_bytes: int = 16 * MIB  # credit window per connection
     max_transfers_per_connection: int = 64
-    staging_bytes: int = 128 * MIB  # received bytes held in daemon memory, all transfers
+    staging_bytes: int = 64 * MIB  # received bytes held in daemon memory, all transfers
     subscribe_timeout_s: float = 30.0  # default wait of an engine's receive()
     retention_s: float = 120.0  # how long a received, unclaimed transfer is kept
     connect_timeout_s: float = 10.0
