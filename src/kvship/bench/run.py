@@ -107,6 +107,7 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             raise RuntimeError("receiving engine failed")
         got = json.loads(out.decode().strip().splitlines()[-1])
         wire_bytes = a.metric("kvship_wire_bytes_sent")
+        staged = b.metric("kvship_chunks_staged")
         rss = {"sender": a.peak_rss_mib(), "receiver": b.peak_rss_mib()}
     finally:
         a.stop()
@@ -123,6 +124,7 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             and got["transfer_digest"] == sent["transfer_digest"]
         ),
         "rss": rss,
+        "staged_chunks": int(staged),
     }
 
 
@@ -160,6 +162,7 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "digest_match": all(r["digest_match"] for r in runs),
         "sender_peak_rss_MiB": round(max(r["rss"]["sender"] for r in runs), 1),
         "receiver_peak_rss_MiB": round(max(r["rss"]["receiver"] for r in runs), 1),
+        "receiver_staged_chunks": max(r["staged_chunks"] for r in runs),
         "tail_lag_ms": round(statistics.median(r["tail_lag_s"] for r in runs) * 1000, 2),
         "layer_wire_ms": round(layer_wire_ms, 2),
         "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],

@@ -59,10 +59,10 @@ def hostport_arg(text: str) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """``67108864`` -> ``64.0 MiB``: binary units, as the size flags take them."""
+    """``67108864`` -> ``64 MiB``, ``2359296`` -> ``2.25 MiB``: binary units, as the size flags take them."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -120,7 +120,9 @@ def synthetic_source(total: int, n_layers: int, dtype_name: str) -> LayerSource:
     def get(i: int) -> np.ndarray:
         return stamp(base, i).view(dtype)
 
-    return LayerSource((spec,) * n_layers, get, f"synthetic {n_layers} x {human_bytes(layer_bytes)}")
+    return LayerSource(
+        (spec,) * n_layers, get, f"synthetic {n_layers} x {human_bytes(layer_bytes)}"
+    )
 
 
 def load_token_ids(name: str | None) -> np.ndarray:
@@ -132,7 +134,9 @@ def load_token_ids(name: str | None) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise UsageError(f"--token-ids: cannot read {name}: {exc}") from exc
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-        raise UsageError(f"--token-ids: need a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+        raise UsageError(
+            f"--token-ids: need a 1-D integer array, got {tokens.dtype} {tokens.shape}"
+        )
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**32):
         raise UsageError("--token-ids: ids must be in 0 .. 2**32-1")
     return tokens.astype(np.uint32)
@@ -184,7 +188,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _send(args: argparse.Namespace, source: LayerSource, tokens: np.ndarray) -> dict[str, Any]:
+async def _send(
+    args: argparse.Namespace, source: LayerSource, tokens: np.ndarray
+) -> dict[str, Any]:
     client = Client(args.daemon)
     sender = await client.send(
         args.request_id, source.specs, peer=args.peer, token_ids=tokens.tolist()
@@ -320,4 +326,3 @@ def _daemon_arg(p: argparse.ArgumentParser) -> None:
         help="local kvshipd: Unix socket path or host:port "
         f"(default: $KVSHIP_ADDRESS, else {DEFAULT_SOCKET})",
     )
-

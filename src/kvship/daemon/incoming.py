@@ -121,6 +121,7 @@ class IncomingTransfer:
         else:
             self.held.setdefault(meta.layer, []).append((meta.offset, data.obj))  # type: ignore[arg-type]
             self.daemon.hold(conn, n)
+            self.daemon.metrics.chunks_staged.inc()
         self.record.bytes_done += n
         self.record.chunks_done += 1
         self.daemon.metrics.bytes_received.inc(n)

@@ -30,6 +30,11 @@ class Metrics:
             ["direction", "outcome"],
             registry=r,
         )
+        self.chunks_staged = Counter(
+            "kvship_chunks_staged",
+            "Received chunks that had to wait in daemon memory (no engine arena room yet)",
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "kvship_protocol_errors",
             "Connections closed because the other side broke the protocol, by error code",
