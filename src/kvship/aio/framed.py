@@ -58,6 +58,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self.handshake: asyncio.Future[HelloAck | Hello | GoAway] = (
             asyncio.get_running_loop().create_future()
         )
+        # Only an initiator awaits this; an acceptor whose peer vanished mid-handshake
+        # must not log "exception never retrieved" on top of the specific error.
+        self.handshake.add_done_callback(_consume)
 
     # ----------------------------------------------------------- asyncio API
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -200,6 +203,11 @@ class FramedProtocol(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _consume(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def open_connection(

@@ -59,7 +59,7 @@ def hostport_arg(text: str) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """``67108864`` -> ``64 MiB``, ``2359296`` -> ``2.25 MiB``: binary units, as the size flags take them."""
+    """``67108864`` -> ``64 MiB``, ``2359296`` -> ``2.25 MiB`` (binary units, like size flags)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.3g} {unit}"

@@ -31,6 +31,9 @@ from .common import (
 )
 
 MAX_DEMO_BYTES = 8 << 30
+# A real prefill produces one layer every few ms; pacing the puts so shows what the demo is
+# about: layers travel while later ones are still being computed (layer-wise pipelining).
+DEFAULT_LAYER_MS = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,9 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument(
         "--layer-ms",
         type=float,
-        default=0.0,
-        help="pause between layer puts, like a prefill computing each layer (default 0)",
+        default=DEFAULT_LAYER_MS,
+        help="pause between layer puts, like a prefill computing each layer "
+        f"(default {DEFAULT_LAYER_MS:g}; 0 = put as fast as memcpy allows)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_demo)
@@ -133,6 +137,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--bytes must be between {human_bytes(minimum)} and {human_bytes(MAX_DEMO_BYTES)}"
         )
+    if not 0 <= args.layer_ms <= 1000:
+        raise UsageError("--layer-ms must be between 0 and 1000")
     blocks = model.blocks_for(args.bytes)
     layers = model.make_kv(blocks)
     tokens = np.random.default_rng(1).integers(0, 151_000, blocks * model.block_size)
@@ -150,6 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             prefill.stop()
             decode.stop()
     report = build_report(model, blocks, shipped, figures, prefill, decode)
+    report["layer_ms"] = args.layer_ms
     if args.json:
         print_json(report)
     else:
@@ -186,9 +193,9 @@ async def ship(
         )
         try:
             for i, array in enumerate(layers):
-                await sender.put(i, array)
-                if layer_ms:
+                if i and layer_ms:  # the prefill computes the next layer meanwhile
                     await asyncio.sleep(layer_ms / 1000)
+                await sender.put(i, array)
             t_last_put = time.perf_counter()
             sent = await sender.finish(60)
         except BaseException:
@@ -271,6 +278,7 @@ def build_report(
             "layers": model.n_layers,
             "full_attention_layers": model.n_full,
             "linear_attention_layers": model.n_linear,
+            "full_attention_every": model.full_every,
             "full_attention_shape": [blocks, 2, model.block_size, model.kv_heads, model.head_dim],
             "linear_attention_shape": [model.heads, model.dk, model.dv],
             "prompt_tokens": blocks * model.block_size,
@@ -294,67 +302,50 @@ def build_report(
 
 
 def print_report(r: dict[str, Any]) -> None:
-    lay, m = r["layout"], r["metrics"]
-    pre, dec = m["prefill"], m["decode"]
-    full, lin = lay["full_attention_shape"], lay["linear_attention_shape"]
-    n = lay["layers"]
-    print("kvship demo: prefill kvshipd -> decode kvshipd on loopback (real processes)")
-    print(
-        f"  prefill  peer {r['daemons']['prefill']['peer']:<22} "
-        f"control {r['daemons']['prefill']['control']}"
-    )
-    print(
-        f"  decode   peer {r['daemons']['decode']['peer']:<22} "
-        f"control {r['daemons']['decode']['control']}"
-    )
-    print()
-    print(
-        f"model     hybrid example, {n} layers: {lay['full_attention_layers']} full attention "
-        f"(every 4th), {lay['linear_attention_layers']} linear attention"
-    )
-    print(
-        f"  full attention    paged KV [blocks={full[0]}, 2, {full[2]}, {full[3]}, {full[4]}] "
-        f"fp16: {human_bytes(lay['bytes_per_token'])} per prompt token"
-    )
-    print(
-        f"  linear attention  state [{lin[0]}, {lin[1]}, {lin[2]}] fp32: "
-        f"{human_bytes(lay['fixed_bytes'])} fixed"
-    )
-    print(f"  prompt            {lay['prompt_tokens']} tokens")
-    print()
-    print(f"shipped     {human_bytes(r['payload_bytes'])} ({r['payload_bytes']} B), {n} layers")
-    print(
-        f"time        {r['seconds'] * 1000:.1f} ms first put -> last layer in the decode "
-        f"engine ({r['goodput_GBps']:.2f} GB/s); ack after {r['ack_seconds'] * 1000:.1f} ms"
-    )
-    print(
-        f"pipelining  {r['layers_before_last_put']} of {n} layers reached the decode engine "
-        f"before the last put; last layer {r['tail_lag_ms']:.1f} ms after it"
-    )
-    exact = n - len(r["mismatched_layers"])
-    print(
-        f"integrity   {exact}/{n} layers bit-exact, token ids "
-        f"{'match' if r['tokens_match'] else 'DIFFER'}, digest {r['digest']} "
-        f"{'==' if r['digest'] == r['received_digest'] else '!='} {r['received_digest']}"
-    )
-    print()
-    ratio = pre["wire_bytes_sent"] / pre["payload_bytes_sent"] if pre["payload_bytes_sent"] else 0
-    print(
-        f"prefill /metrics  payload sent {human_bytes(pre['payload_bytes_sent'])}, on the wire "
-        f"{human_bytes(pre['wire_bytes_sent'])} ({ratio:.3f}x), {pre['chunks_sent']} chunks, "
-        f"{pre['transfers_out_complete']} transfer(s) complete"
-    )
-    print(
-        f"decode  /metrics  payload received {human_bytes(dec['payload_bytes_received'])}, "
-        f"{dec['chunks_received']} chunks verified, {dec['protocol_errors']} protocol errors"
-    )
-    for side, figs in (("prefill", pre), ("decode ", dec)):
+    """The human-readable report: one labelled line per fact, under 100 columns."""
+    lay, pre, dec = r["layout"], r["metrics"]["prefill"], r["metrics"]["decode"]
+    full, lin, n = lay["full_attention_shape"], lay["linear_attention_shape"], lay["layers"]
+    lines = ["kvship demo: prefill kvshipd -> decode kvshipd, real processes on loopback"]
+    for side in ("prefill", "decode"):
+        addr = r["daemons"][side]
+        lines.append(f"  {side:<8} peer {addr['peer']:<22} control {addr['control']}")
+    lines += [
+        "",
+        f"model        hybrid example, {n} layers: {lay['full_attention_layers']} full attention "
+        f"(every {lay['full_attention_every']}th), {lay['linear_attention_layers']} linear",
+        f"  full       paged KV [{full[0]} blocks, 2, {full[2]}, {full[3]}, {full[4]}] fp16, "
+        f"{human_bytes(lay['bytes_per_token'])} per prompt token",
+        f"  linear     state [{lin[0]}, {lin[1]}, {lin[2]}] fp32, "
+        f"{human_bytes(lay['fixed_bytes'])} fixed whatever the prompt",
+        f"  prompt     {lay['prompt_tokens']} tokens",
+        "",
+        f"shipped      {human_bytes(r['payload_bytes'])} ({r['payload_bytes']} B) in {n} layers",
+        f"time         {r['seconds'] * 1000:.1f} ms from open to the last layer in the decode "
+        f"engine: {r['goodput_GBps']:.2f} GB/s",
+        f"             (sender's ack after {r['ack_seconds'] * 1000:.1f} ms)",
+        f"pipelining   {r['layers_before_last_put']} of {n} layers reached the decode engine "
+        "before the last put",
+        f"             (puts {r['layer_ms']:g} ms apart); the last one "
+        f"{r['tail_lag_ms']:.1f} ms after it",
+        f"integrity    {n - len(r['mismatched_layers'])}/{n} layers bit-exact, token ids "
+        f"{'match' if r['tokens_match'] else 'DIFFER'}",
+        f"             digest sent {r['digest']}, received {r['received_digest']}",
+        "",
+    ]
+    ratio = pre["wire_bytes_sent"] / max(pre["payload_bytes_sent"], 1)
+    lines += [
+        f"prefill      /metrics: sent {human_bytes(pre['payload_bytes_sent'])} (wire/payload "
+        f"{ratio:.3f}), {pre['chunks_sent']} chunks, {pre['transfers_out_complete']} complete",
+        f"decode       /metrics: received {human_bytes(dec['payload_bytes_received'])}, "
+        f"{dec['chunks_received']} chunks verified, {dec['protocol_errors']} protocol errors",
+    ]
+    for side, figs in (("prefill", pre), ("decode", dec)):
         t = figs["transfer"]
         if t:
-            print(
-                f"{side} /v1/transfers  {t['transfer_id']} {t['direction']:<3} {t['state']}, "
-                f"{human_bytes(t['bytes_done'])}/{human_bytes(t['total_bytes'])} in "
-                f"{t['seconds'] * 1000:.1f} ms"
+            lines.append(
+                f"{side:<12} /v1/transfers: {t['transfer_id']} {t['direction']} {t['state']}, "
+                f"{human_bytes(t['bytes_done'])} in {t['seconds'] * 1000:.1f} ms"
             )
-    print()
-    print("result      OK: bit-exact" if r["digest_match"] else "result      FAILED: not bit-exact")
+    verdict = "OK, bit-exact" if r["digest_match"] else "FAILED: not bit-exact"
+    lines += ["", f"result       {verdict}"]
+    print("\n".join(lines))

@@ -91,9 +91,18 @@ def load_file(name: str) -> LayerSource:
     path = Path(name)
     if not path.is_file():
         raise UsageError(f"no such file: {name}")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise UsageError(f"cannot read {name}: {exc.strerror}") from exc
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"{name} is not an .npz (zip) archive")
         return load_npz(path)
     if path.suffix == ".npy":
+        if magic != b"\x93NUMPY":
+            raise UsageError(f"{name} is not an .npy file (no NUMPY header)")
         return load_npy(path)
     raise UsageError(f"{name}: expected an .npy or .npz file")
 
@@ -284,7 +293,7 @@ async def _recv(args: argparse.Namespace, npz_path: Path, tokens_path: Path) -> 
         # Each layer goes straight into the archive: the iterator's array is a view that
         # is only valid until the next step, and we never hold the whole KV in memory.
         with (
-            zipfile.ZipFile(part, "w", allow_zip64=True) as zf,
+            zipfile.ZipFile(part, "w") as zf,
             progress(receiver.total_bytes, "recv", args.json) as bar,
         ):
             async for layer, array in receiver:

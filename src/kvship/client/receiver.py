@@ -47,6 +47,9 @@ class Receiver:
         self._inline: dict[int, np.ndarray] = {}
         self._pending = [self._starts[i + 1] - self._starts[i] for i in range(len(self.layout))]
         self._held: tuple[int, int] | None = None  # arena region of the last yielded layer
+        # Inline chunks read straight into their layer's array; those that arrived before
+        # this Receiver existed (it needs the layout) sit in spare buffers and get copied.
+        self._direct: set[int] = set()
         conn.sink = self._sink
 
     @property
@@ -57,10 +60,14 @@ class Receiver:
         """Inline chunks land straight in their layer's array."""
         if not 0 <= meta.layer < len(self.layout):
             return memoryview(bytearray(nbytes))
-        buf = self._inline.get(meta.layer)
+        self._direct.add(meta.chunk_index)
+        return self._layer_buffer(meta.layer)[meta.offset : meta.offset + nbytes]
+
+    def _layer_buffer(self, layer: int) -> memoryview:
+        buf = self._inline.get(layer)
         if buf is None:
-            buf = self._inline[meta.layer] = np.empty(self.layout[meta.layer].nbytes, np.uint8)
-        return memoryview(buf)[meta.offset : meta.offset + nbytes]
+            buf = self._inline[layer] = np.empty(self.layout[layer].nbytes, np.uint8)
+        return memoryview(buf)
 
     def _release_held(self) -> None:
         if self._held is not None:
@@ -97,6 +104,11 @@ class Receiver:
                     if chunk_checksum(frame.data) != frame.meta.checksum:
                         raise IntegrityError(ErrorCode.CHECKSUM_MISMATCH, "inline chunk corrupted")
                     layer = frame.meta.layer
+                    if frame.meta.chunk_index in self._direct:
+                        self._direct.discard(frame.meta.chunk_index)
+                    else:  # landed before the layout was known
+                        dst = self._layer_buffer(layer)
+                        dst[frame.meta.offset : frame.meta.offset + len(frame.data)] = frame.data
                     if self._conn.proto is not None:
                         self._conn.proto.grant(len(frame.data))  # the bytes sit in our array now
                     self._pending[layer] -= 1

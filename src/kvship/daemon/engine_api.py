@@ -9,7 +9,6 @@ socket the engine attaches a shared-memory arena and chunks travel by reference.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -52,6 +51,10 @@ class EngineSession:
         self.daemon = daemon
         self.conn: FramedProtocol | None = None
         self.arena: Arena | None = None
+        self.allocator: RingAllocator | None = None  # regions this daemon hands the engine
+        # An arena serves one direction: the engine's puts (it allocates) or this daemon's
+        # deliveries (we allocate). The first use decides; mixing would overlap regions.
+        self.arena_owner: str | None = None
         self.sends: dict[int, OutgoingTransfer] = {}
         self.subs: dict[int, Subscription] = {}
         self.attached = asyncio.Event()
@@ -102,12 +105,16 @@ class EngineSession:
             self.arena = Arena.attach(frame.path, frame.size)
         except (OSError, ValueError) as exc:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"cannot map arena: {exc}") from exc
+        self.allocator = RingAllocator(frame.size)
         conn.send(ShmAttached(frame.size))
         self.attached.set()
 
     def _on_shm_chunk(self, conn: FramedProtocol, frame: ShmChunk) -> None:
         if self.arena is None:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SHM_CHUNK before SHM_ATTACH")
+        if self.arena_owner == "daemon":
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SHM_CHUNK into a receive arena")
+        self.arena_owner = "engine"
         length = frame.meta.raw_length
         try:
             data = self.arena.view(frame.arena_offset, length)
@@ -143,13 +150,15 @@ class EngineSession:
         sub.task = spawn(sub.run(), name=f"sub-{frame.request_id}")
 
     def _on_release(self, frame: Release) -> None:
+        if self.allocator is None or self.arena_owner != "daemon":
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "RELEASE without an arena")
+        try:
+            self.allocator.release(frame.arena_offset, frame.length)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"RELEASE: {exc}") from None
         for sub in self.subs.values():
-            if sub.allocator is not None and sub.transfer is not None:
-                with contextlib.suppress(ValueError):
-                    sub.allocator.release(frame.arena_offset, frame.length)
-                    sub.transfer.changed.set()
-                    return
-        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "RELEASE of a region never handed out")
+            if sub.transfer is not None:
+                sub.transfer.changed.set()
 
     def on_close(self, conn: FramedProtocol, error: BaseException | None) -> None:
         for send in self.sends.values():
@@ -169,8 +178,13 @@ class Subscription:
         self.tid = tid
         self.request = frame
         self.transfer: IncomingTransfer | None = None
-        self.allocator: RingAllocator | None = None
+        self._arena_ready = False
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def allocator(self) -> RingAllocator | None:
+        """The session's allocator, once the engine attached its arena and this waits."""
+        return self.session.allocator if self._arena_ready else None
 
     def fits(self, nbytes: int) -> bool:
         """Layers go through the arena only if two fit: the engine holds one while the
@@ -225,8 +239,9 @@ class Subscription:
         )
         if self.session.shm:
             await asyncio.wait_for(self.session.attached.wait(), 30)
-            assert self.session.arena is not None
-            self.allocator = RingAllocator(self.session.arena.size)
+            if self.session.arena_owner != "engine":
+                self.session.arena_owner = "daemon"
+                self._arena_ready = True
         delivered = 0
         while True:
             # Deliver whatever can go now, not strictly in order: a layer waiting for

@@ -127,9 +127,10 @@ class RingAllocator:
         return offset
 
     def release(self, offset: int, length: int) -> None:
-        entry = self._by_offset.pop(offset, None)
+        entry = self._by_offset.get(offset)
         if entry is None or entry[1] != length:
             raise ValueError(f"release of {offset}+{length}: no such region")
+        del self._by_offset[offset]
         entry[2] = 1
         self.in_use -= length
         while self._live and self._live[0][2]:

@@ -1,0 +1,317 @@
+"""Hostile peers against a real kvshipd over real sockets.
+
+Each case: the hostile connection gets a GOAWAY with the specific error code (or is just
+closed, for a truncated stream), the daemon counts it in /metrics and logs it, and a good
+transfer between the two daemons, running at the same time, still arrives bit-exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import urllib.request
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import (
+    LogMark,
+    RawPeer,
+    chunk_frame,
+    error_count,
+    exchange,
+    goaway_of,
+    good_transfer,
+    new_tid,
+    open_frame,
+    parse_frames,
+    peer_hello,
+    running_pair,
+    wait_until,
+)
+from kvship import Client
+from kvship.bench.spawn import DaemonProcess
+from kvship.errors import IntegrityError, TransferError
+from kvship.protocol import (
+    MAGIC,
+    ErrorCode,
+    FrameType,
+    Ping,
+    chunk_checksum,
+    frame_header,
+)
+
+# A credit window of one default chunk (1 MiB) while max_chunk stays 4 MiB: a hostile peer
+# can overrun the window with one CHUNK, and good transfers exercise CREDIT round trips.
+WINDOW = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, ...]]:
+    with running_pair(tmp_path_factory.mktemp("bad"), ["--window-bytes", str(WINDOW)]) as p:
+        yield p
+
+
+async def with_good_transfer(pair: tuple[DaemonProcess, ...], hostile: Awaitable[None]) -> None:
+    """Run ``hostile`` while a slow good transfer prefill -> decode is in progress, then
+    check the good one arrived bit-exact, and that one more (after) does too."""
+    a, b = pair
+    good = asyncio.create_task(good_transfer(a, b, n_layers=6, pause=0.05, seed=1))
+    try:
+        await hostile
+    finally:
+        await asyncio.wait_for(good, 60)
+    await good_transfer(a, b, seed=2)
+    assert b.proc is not None and b.proc.poll() is None, "the decode daemon died"
+
+
+def check_counted(daemon: DaemonProcess, code: ErrorCode, before: float) -> None:
+    wait_until(
+        lambda: error_count(daemon, code.name) == before + 1,
+        what=f"kvship_protocol_errors_total{{code={code.name}}} to go up by one",
+    )
+
+
+async def test_garbage_preface_is_bad_magic(pair: tuple[DaemonProcess, ...]) -> None:
+    """Bytes that are not the kvship preface -> GOAWAY BAD_MAGIC."""
+    b = pair[1]
+    before, mark = error_count(b, "BAD_MAGIC"), LogMark.of(b)
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        await peer.send(b"GET / HT")  # exactly the 8 bytes the daemon compares
+        goaway = await peer.goaway()
+        peer.close()
+        assert goaway.code == ErrorCode.BAD_MAGIC, goaway
+        check_counted(b, ErrorCode.BAD_MAGIC, before)
+        mark.wait_for("BAD_MAGIC", peer.local)
+
+    await with_good_transfer(pair, hostile())
+
+
+async def test_wrong_version_is_unsupported(pair: tuple[DaemonProcess, ...]) -> None:
+    """HELLO offering versions 2..3 only -> GOAWAY UNSUPPORTED_VERSION, no HELLO_ACK."""
+    b = pair[1]
+    before, mark = error_count(b, "UNSUPPORTED_VERSION"), LogMark.of(b)
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        await peer.send(peer_hello(min_version=2, max_version=3))
+        goaway = await peer.goaway()
+        peer.close()
+        assert goaway.code == ErrorCode.UNSUPPORTED_VERSION, goaway
+        assert FrameType.HELLO_ACK not in [t for t, _ in peer.frames]
+        check_counted(b, ErrorCode.UNSUPPORTED_VERSION, before)
+        mark.wait_for("UNSUPPORTED_VERSION", peer.local)
+
+    await with_good_transfer(pair, hostile())
+
+
+async def test_oversized_length_is_frame_too_large(pair: tuple[DaemonProcess, ...]) -> None:
+    """After a good handshake, a header announcing max_frame + 1 body bytes -> FRAME_TOO_LARGE
+    (refused on the header, before any body is read)."""
+    b = pair[1]
+    before, mark = error_count(b, "FRAME_TOO_LARGE"), LogMark.of(b)
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        ack = await peer.handshake()
+        await peer.send(frame_header(FrameType.PING, ack.max_frame + 1))
+        goaway = await peer.goaway()
+        peer.close()
+        assert goaway.code == ErrorCode.FRAME_TOO_LARGE, goaway
+        check_counted(b, ErrorCode.FRAME_TOO_LARGE, before)
+        mark.wait_for("FRAME_TOO_LARGE", peer.local)
+
+    await with_good_transfer(pair, hostile())
+
+
+async def test_huge_length_during_handshake(pair: tuple[DaemonProcess, ...]) -> None:
+    """A 4 GiB length before the handshake completed -> FRAME_TOO_LARGE (64 KiB limit)."""
+    b = pair[1]
+    before = error_count(b, "FRAME_TOO_LARGE")
+    peer = await RawPeer.connect(b.peer)
+    await peer.send(MAGIC + frame_header(FrameType.HELLO, 0xFFFFFFFF))
+    goaway = await peer.goaway()
+    peer.close()
+    assert goaway.code == ErrorCode.FRAME_TOO_LARGE, goaway
+    check_counted(b, ErrorCode.FRAME_TOO_LARGE, before)
+
+
+async def test_truncated_frame_then_eof(pair: tuple[DaemonProcess, ...]) -> None:
+    """A transfer whose stream ends inside a CHUNK: MALFORMED_FRAME, the connection closes,
+    and the engine subscribed to that request gets an error, never a complete transfer."""
+    b = pair[1]
+    before, mark = error_count(b, "MALFORMED_FRAME"), LogMark.of(b)
+    tid, rid = new_tid(), f"trunc-{secrets.token_hex(4)}"
+    layer0, layer1 = secrets.token_bytes(8192), secrets.token_bytes(8192)
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        await peer.handshake()
+        await peer.send(open_frame(tid, rid, [8192, 8192], 8192))
+        receiver = await Client(b.socket_path).receive(rid, timeout=10)
+        await peer.send(chunk_frame(tid, 0, 0, 0, layer0))
+        whole = chunk_frame(tid, 1, 1, 0, layer1)
+        await peer.send(whole[: len(whole) - 100])  # 100 bytes short
+        await peer.half_close()
+        frames = await peer.until_closed()
+        peer.close()
+        goaway = goaway_of(frames)  # optional after our EOF; if it comes, it says why
+        assert goaway is None or goaway.code == ErrorCode.MALFORMED_FRAME, goaway
+        check_counted(b, ErrorCode.MALFORMED_FRAME, before)
+        mark.wait_for("MALFORMED_FRAME", peer.local)
+        delivered: list[int] = []
+        with pytest.raises(TransferError):
+            async for layer, array in receiver.layers(copy=True):
+                delivered.append(layer)
+                assert array.tobytes() == layer0  # only a verified, whole layer may come
+        assert 1 not in delivered and not receiver.complete
+
+    await with_good_transfer(pair, hostile())
+
+
+async def test_corrupt_chunk_is_checksum_mismatch(pair: tuple[DaemonProcess, ...]) -> None:
+    """A CHUNK whose bytes do not match its checksum: GOAWAY CHECKSUM_MISMATCH, and the
+    engine subscribed to that request gets IntegrityError, never a complete transfer."""
+    b = pair[1]
+    before, mark = error_count(b, "CHECKSUM_MISMATCH"), LogMark.of(b)
+    tid, rid = new_tid(), f"corrupt-{secrets.token_hex(4)}"
+    layer0, layer1 = secrets.token_bytes(8192), secrets.token_bytes(8192)
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        await peer.handshake()
+        await peer.send(open_frame(tid, rid, [8192, 8192], 4096))
+        receiver = await Client(b.socket_path).receive(rid, timeout=10)
+        await peer.send(chunk_frame(tid, 0, 0, 0, layer0[:4096]))
+        await peer.send(chunk_frame(tid, 1, 0, 4096, layer0[4096:]))
+        await peer.send(chunk_frame(tid, 2, 1, 0, layer1[:4096]))
+        flipped = bytes([layer1[4096] ^ 0x01]) + layer1[4097:]
+        await peer.send(
+            chunk_frame(tid, 3, 1, 4096, flipped, checksum=chunk_checksum(layer1[4096:]))
+        )  # the checksum of the original bytes, one bit flipped on the wire
+        goaway = await peer.goaway()
+        peer.close()
+        assert goaway.code == ErrorCode.CHECKSUM_MISMATCH, goaway
+        check_counted(b, ErrorCode.CHECKSUM_MISMATCH, before)
+        mark.wait_for("CHECKSUM_MISMATCH", peer.local)
+        delivered: list[int] = []
+        with pytest.raises(IntegrityError) as info:
+            async for layer, array in receiver.layers(copy=True):
+                delivered.append(layer)
+                assert array.tobytes() == layer0
+        assert info.value.code == ErrorCode.CHECKSUM_MISMATCH
+        assert 1 not in delivered and not receiver.complete
+        record = b.get_json(f"/v1/transfers/{rid}")
+        assert record["state"] == "failed" and "CHECKSUM_MISMATCH" in record["error"]
+
+    await with_good_transfer(pair, hostile())
+
+
+async def test_chunk_outside_layout_is_layout_mismatch(pair: tuple[DaemonProcess, ...]) -> None:
+    """A CHUNK whose layer contradicts its index in the OPEN's layout -> LAYOUT_MISMATCH."""
+    b = pair[1]
+    before, mark = error_count(b, "LAYOUT_MISMATCH"), LogMark.of(b)
+    tid = new_tid()
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        await peer.handshake()
+        await peer.send(open_frame(tid, f"layout-{tid:x}", [8192, 8192], 4096))
+        # Chunk 0 lies in layer 0; this one claims layer 1. Only header + meta are sent:
+        # the daemon refuses on the meta, before the data.
+        await peer.send(chunk_frame(tid, 0, 1, 0, bytes(4096))[: 8 + 40])
+        goaway = await peer.goaway()
+        peer.close()
+        assert goaway.code == ErrorCode.LAYOUT_MISMATCH, goaway
+        check_counted(b, ErrorCode.LAYOUT_MISMATCH, before)
+        mark.wait_for("LAYOUT_MISMATCH", peer.local)
+
+    await with_good_transfer(pair, hostile())
+
+
+async def test_chunk_beyond_credit_is_flow_control(pair: tuple[DaemonProcess, ...]) -> None:
+    """One CHUNK of 2 MiB against a 1 MiB credit window -> FLOW_CONTROL (checked on meta)."""
+    b = pair[1]
+    before, mark = error_count(b, "FLOW_CONTROL"), LogMark.of(b)
+    tid, size = new_tid(), 2 * WINDOW
+
+    async def hostile() -> None:
+        peer = await RawPeer.connect(b.peer)
+        ack = await peer.handshake()
+        assert ack.initial_window == WINDOW and ack.max_chunk >= size
+        await peer.send(open_frame(tid, f"flow-{tid:x}", [size], size))
+        await peer.send(chunk_frame(tid, 0, 0, 0, bytes(size))[: 8 + 40])
+        goaway = await peer.goaway()
+        peer.close()
+        assert goaway.code == ErrorCode.FLOW_CONTROL, goaway
+        check_counted(b, ErrorCode.FLOW_CONTROL, before)
+        mark.wait_for("FLOW_CONTROL", peer.local)
+
+    await with_good_transfer(pair, hostile())
+
+
+def test_pre_handshake_close_logs_no_asyncio_error(tmp_path: Path) -> None:
+    """Connections that end before the handshake are logged once, specifically (or not at
+    all, for a bare TCP probe), never as an unhandled asyncio error."""
+    daemon = DaemonProcess("lonely", tmp_path).start()
+    try:
+        for payload in (b"", b"GET / HT", peer_hello(min_version=2, max_version=3)):
+            exchange(daemon.peer, payload)
+        wait_until(lambda: error_count(daemon, "UNSUPPORTED_VERSION") == 1)
+    finally:
+        daemon.stop()
+    assert daemon.log_path is not None
+    log = daemon.log_path.read_text()
+    assert "BAD_MAGIC" in log and "UNSUPPORTED_VERSION" in log
+    assert "never retrieved" not in log, log
+
+
+# ------------------------------------------------------------ fuzzing
+_TYPES = st.sampled_from([*range(0x00, 0x0D), *range(0x20, 0x27), 0x7F, 0xFF])
+_FRAME = st.builds(
+    lambda t, f, body: frame_header(t, len(body), f) + body,
+    _TYPES,
+    st.sampled_from([0, 0x80]),
+    st.binary(max_size=64),
+)
+_PAYLOAD = st.one_of(
+    st.binary(max_size=256),
+    st.lists(_FRAME, max_size=6).map(b"".join),
+    st.tuples(st.lists(_FRAME, max_size=3).map(b"".join), st.binary(max_size=32)).map(
+        lambda p: p[0] + p[1]
+    ),
+)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(payload=_PAYLOAD)
+def test_random_bytes_after_hello(pair: tuple[DaemonProcess, ...], payload: bytes) -> None:
+    """Random bytes after a valid preface + HELLO: the daemon answers (HELLO_ACK, then maybe
+    a GOAWAY), closes on our EOF, and stays alive."""
+    b = pair[1]
+    reply = exchange(b.peer, peer_hello("fuzz") + payload)
+    frames, _ = parse_frames(reply)
+    if frames:  # a reset may cut the answer short; what came must start with HELLO_ACK
+        assert frames[0][0] == FrameType.HELLO_ACK
+    assert b.proc is not None and b.proc.poll() is None, b.log_tail()
+
+
+def test_daemon_healthy_after_fuzzing(pair: tuple[DaemonProcess, ...]) -> None:
+    """After the fuzzer (same module daemon): /healthz is 200 and a transfer still works."""
+    a, b = pair
+    with urllib.request.urlopen(b.url("/healthz"), timeout=10) as resp:
+        assert resp.status == 200
+    # A well-behaved raw peer still gets its PONG on a fresh connection.
+    frames, _ = parse_frames(exchange(b.peer, peer_hello("ping") + Ping(42).encode()))
+    assert [t for t, _ in frames][:2] == [FrameType.HELLO_ACK, FrameType.PONG]
+    asyncio.run(asyncio.wait_for(good_transfer(a, b, seed=3), 60))
+    assert "Traceback" not in b.log_tail(10**7), "the daemon logged a traceback"
