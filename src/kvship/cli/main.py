@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
@@ -41,16 +42,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config, args.ready_file)
 
 
-def _guard_bench(args: argparse.Namespace) -> int:
-    """bench raises ValueError for bad sizes and RuntimeError when a process fails."""
-    from ..bench.run import _cmd_bench
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """bench raises ValueError for bad sizes and RuntimeError when one of its processes
+    fails: make those the one-line errors every other command gives."""
 
-    try:
-        return _cmd_bench(args)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-    except RuntimeError as exc:
-        raise CliError(f"bench failed: {exc}") from exc
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from exc
+        except RuntimeError as exc:
+            raise CliError(f"bench failed: {exc}") from exc
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_recv_parser(sub)
     add_status_parser(sub)
     add_bench_parser(sub)
-    sub.choices["bench"].set_defaults(func=_guard_bench)
+    bench = sub.choices["bench"]
+    bench.set_defaults(func=_guarded(bench.get_default("func")))
     add_plan_parser(sub)
     add_simulate_parser(sub)
     add_demo_parser(sub)

@@ -18,7 +18,7 @@ class Client:
     """Talks to the local kvshipd (Unix socket path, or host:port for a remote engine host).
 
     On a Unix socket the client and daemon share a staging arena of shared memory per
-    transfer (``arena_bytes`` for a send; for a receive, two of its largest layer up to
+    transfer (``arena_bytes`` for a send; for a receive, three of its largest layer up to
     ``receive_arena_max``), so KV crosses the engine<->daemon hop with one memcpy.
     """
 

@@ -153,9 +153,9 @@ async def open_receiver(
 ) -> Receiver:
     """Wait for the daemon's OPEN (the layout) for ``request_id``, then size the arena.
 
-    The arena holds four of the largest layer (the engine reads one, the next is
-    ready, and chunks of two more are landing over the stripes), at least 64 MiB and at
-    most ``arena_max``; layers too large for half of it arrive inline instead.
+    The arena holds three of the largest layer (the engine reads one while chunks of
+    the next two land over the stripes), at least 64 MiB and at most ``arena_max``;
+    layers too large for half of it arrive inline instead.
     """
     wait = None if timeout is None else timeout + 5.0  # the daemon answers NOT_FOUND first
     try:
@@ -170,5 +170,5 @@ async def open_receiver(
         raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
     largest = max(spec.nbytes for spec in frame.layers)
     if largest and conn.shm:
-        await conn.attach(min(max(4 * largest, 64 << 20), arena_max))
+        await conn.attach(min(max(3 * largest, 64 << 20), arena_max))
     return Receiver(conn, frame, timeout)
