@@ -268,7 +268,7 @@ class Subscription:
                 self.request.request_id,
                 transfer.state,
                 list(transfer.ready),
-                transfer.placement,
+                transfer.regions,
                 {k: len(v) for k, v in transfer.held.items()},
                 self.allocator and list(self.allocator._live),
                 delivered,
@@ -279,15 +279,16 @@ class Subscription:
     async def _deliver_layer(self, transfer: IncomingTransfer, layer: int) -> bool:
         """Hand one complete layer to the engine; False when arena space must free first."""
         nbytes = transfer.layers[layer].nbytes
-        offset = transfer.placement.pop(layer, None)
-        if offset is None and self.allocator is not None and self.fits(nbytes):
-            offset = self.allocator.allocate(nbytes)
+        offset = transfer.regions.get(layer)
+        if offset is None and self.fits(nbytes):
+            offset = self.reserve(nbytes)
             if offset is None:
                 return False
-            for chunk_offset, buf in transfer.held.get(layer, []):
-                self.view(offset + chunk_offset, len(buf))[:] = buf
-            transfer.release_layer(layer)
         if offset is not None or nbytes == 0:
+            transfer.regions.pop(layer, None)
+            for chunk_offset, buf in transfer.held.get(layer, []):  # arrived before the region
+                self.view(offset + chunk_offset, len(buf))[:] = buf  # type: ignore[operator]
+            transfer.release_layer(layer)
             self.conn.send(LayerReady(self.tid, layer, offset or 0, nbytes))
             return True
         # Inline: no arena, or a layer too large for it.

@@ -53,9 +53,10 @@ class IncomingTransfer:
         self.ends: dict[int, End] = {}
         self.digest = TransferDigest(opened.n_chunks)
         self.pending = [self.starts[i + 1] - self.starts[i] for i in range(len(self.layers))]
-        # Where each layer's chunks land, decided once at the layer's first chunk (chunks of
-        # one layer arrive interleaved over the stripes): an arena offset, or None = memory.
-        self.placement: dict[int, int | None] = {}
+        # The arena region reserved for each layer in the subscribed engine's arena. Chunks
+        # that arrive before a region could be reserved wait in daemon memory (``held``) and
+        # are copied into the region before the layer is handed over.
+        self.regions: dict[int, int] = {}
         self.held: dict[int, list[tuple[int, bytearray]]] = {}  # layer -> chunks in memory
         self.ready: deque[int] = deque(i for i, n in enumerate(self.pending) if n == 0)
         self.subscriber: Subscription | None = None
@@ -89,15 +90,16 @@ class IncomingTransfer:
 
     def sink(self, meta: ChunkMeta, wire_length: int) -> tuple[memoryview, bool]:
         """Where chunk bytes should land: (buffer, in_arena)."""
-        if self.state == "receiving":
+        sub = self.subscriber
+        if self.state == "receiving" and sub is not None:
             layer = meta.layer
-            if layer not in self.placement:
-                sub = self.subscriber
-                nbytes = self.layers[layer].nbytes
-                self.placement[layer] = None if sub is None else sub.reserve(nbytes)
-            offset = self.placement[layer]
-            if offset is not None and self.subscriber is not None:
-                return self.subscriber.view(offset + meta.offset, wire_length), True
+            offset = self.regions.get(layer)
+            if offset is None:
+                offset = sub.reserve(self.layers[layer].nbytes)
+                if offset is not None:
+                    self.regions[layer] = offset
+            if offset is not None:
+                return sub.view(offset + meta.offset, wire_length), True
         return memoryview(bytearray(wire_length)), False
 
     def on_chunk(self, conn: FramedProtocol, chunk: Chunk, in_arena: bool) -> None:

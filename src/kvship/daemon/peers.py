@@ -35,6 +35,7 @@ class PeerLink:
         self.conns: list[FramedProtocol] = []
         self.transfers: dict[int, OutgoingTransfer] = {}
         self.dead = False
+        self.goaway: GoAway | None = None  # why the peer closed, when it said so
 
     async def connect(self) -> None:
         cfg = self.daemon.config
@@ -74,6 +75,7 @@ class PeerLink:
         elif isinstance(frame, Ping):
             conn.send(Pong(frame.opaque))
         elif isinstance(frame, GoAway):
+            self.goaway = frame
             log.warning("peer %s sent GOAWAY %s: %s", self.address, frame.code, frame.message)
 
     def _on_close(self, conn: FramedProtocol, error: BaseException | None) -> None:
@@ -84,7 +86,11 @@ class PeerLink:
             for other in self.conns:
                 if other is not conn:
                     other.close()
-        reason = f"connection to {self.address} lost" + (f": {error}" if error else "")
+        if self.goaway is not None:
+            why = f"{_code_name(self.goaway.code)}: {self.goaway.message}"
+        else:
+            why = str(error) if error else ""
+        reason = f"connection to {self.address} lost" + (f": {why}" if why else "")
         for transfer in list(self.transfers.values()):
             transfer.fail(ErrorCode.PEER_UNREACHABLE, reason, tell_peer=False)
 
@@ -93,3 +99,7 @@ class PeerLink:
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+def _code_name(code: int) -> str:
+    return ErrorCode(code).name if code in set(ErrorCode) else f"error {code}"
