@@ -25,23 +25,23 @@ def test_example_config_names_every_key() -> None:
 
 def test_flags_override_file(tmp_path: Path) -> None:
     path = tmp_path / "k.toml"
-    path.write_text('node_name = "from-file"\nchunk_bytes = 65536\n')
-    cfg = load_config(path, {"chunk_bytes": 131072, "node_name": None})
-    assert (cfg.node_name, cfg.chunk_bytes) == ("from-file", 131072)
+    path.write_text('node_name = "from-file"\nwindow_bytes = 8388608\n')
+    cfg = load_config(path, {"window_bytes": 33554432, "node_name": None})
+    assert (cfg.node_name, cfg.window_bytes) == ("from-file", 33554432)
 
 
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ("chunk_bytes = 0", "chunk_bytes"),
-        ("chunk_bytes = 1048576\nwindow_bytes = 1024", "window_bytes"),
+        ("window_bytes = 0", "window_bytes"),
+        ("window_bytes = 1024", "window_bytes"),
         ("connections_per_peer = 0", "connections_per_peer"),
         ('connections_per_peer = "4"', "connections_per_peer"),
         ("drain_timeout_s = -1", "drain_timeout_s"),
         ("staging_bytes = 1", "staging_bytes"),
         ("log_level = 'loud'", "log_level"),
         ("no_such_key = 1", "no_such_key"),
-        ("chunk_bytes = ", "cannot read config"),
+        ("window_bytes = ", "cannot read config"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -234,25 +234,34 @@ async def test_chunk_outside_layout_is_layout_mismatch(pair: tuple[DaemonProcess
     await with_good_transfer(pair, hostile())
 
 
-async def test_chunk_beyond_credit_is_flow_control(pair: tuple[DaemonProcess, ...]) -> None:
-    """One CHUNK of 2 MiB against a 1 MiB credit window -> FLOW_CONTROL (checked on meta)."""
-    b = pair[1]
-    before, mark = error_count(b, "FLOW_CONTROL"), LogMark.of(b)
-    tid, size = new_tid(), 2 * WINDOW
+async def test_chunk_beyond_credit_is_flow_control(tmp_path: Path) -> None:
+    """A peer that keeps sending while the daemon withholds credit -> FLOW_CONTROL.
 
-    async def hostile() -> None:
-        peer = await RawPeer.connect(b.peer)
-        ack = await peer.handshake()
-        assert ack.initial_window == WINDOW and ack.max_chunk >= size
-        await peer.send(open_frame(tid, f"flow-{tid:x}", [size], size))
-        await peer.send(chunk_frame(tid, 0, 0, 0, bytes(size))[: 8 + 40])
-        goaway = await peer.goaway()
-        peer.close()
-        assert goaway.code == ErrorCode.FLOW_CONTROL, goaway
-        check_counted(b, ErrorCode.FLOW_CONTROL, before)
-        mark.wait_for("FLOW_CONTROL", peer.local)
+    With ``staging_bytes`` = one window and nobody claiming the transfer, the daemon
+    credits the first chunk back but holds the second's credit (its memory is full), so
+    the third chunk's meta exceeds the window, deterministically.
+    """
+    args = ["--window-bytes", str(WINDOW), "--staging-bytes", str(WINDOW)]
+    with running_pair(tmp_path, args) as tight:
+        b = tight[1]
+        before, mark = error_count(b, "FLOW_CONTROL"), LogMark.of(b)
+        tid, size = new_tid(), WINDOW
 
-    await with_good_transfer(pair, hostile())
+        async def hostile() -> None:
+            peer = await RawPeer.connect(b.peer)
+            ack = await peer.handshake()
+            assert ack.initial_window == WINDOW and ack.max_chunk == size
+            await peer.send(open_frame(tid, f"flow-{tid:x}", [3 * size], size))
+            await peer.send(chunk_frame(tid, 0, 0, 0, bytes(size)))  # credited back
+            await peer.send(chunk_frame(tid, 1, 0, size, bytes(size)))  # credit withheld
+            await peer.send(chunk_frame(tid, 2, 0, 2 * size, bytes(size))[: 8 + 40])
+            goaway = await peer.goaway()
+            peer.close()
+            assert goaway.code == ErrorCode.FLOW_CONTROL, goaway
+            check_counted(b, ErrorCode.FLOW_CONTROL, before)
+            mark.wait_for("FLOW_CONTROL", peer.local)
+
+        await with_good_transfer(tight, hostile())
 
 
 def test_pre_handshake_close_logs_no_asyncio_error(tmp_path: Path) -> None:

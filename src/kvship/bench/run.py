@@ -67,8 +67,6 @@ def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
 
 def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     daemon_args = [
-        "--chunk-bytes",
-        str(opts.chunk_bytes),
         "--connections-per-peer",
         str(opts.connections),
         "--log-level",
@@ -183,7 +181,7 @@ def add_bench_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure client->daemon->daemon->client vs plain uvloop")
     p.add_argument("--bytes", type=parse_size, default=GIB, help="payload (default 1GiB)")
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--chunk-bytes", type=parse_size, default=1 << 20)
+    p.add_argument("--chunk-bytes", type=parse_size, default=4 << 20)
     p.add_argument(
         "--arena-bytes",
         type=parse_size,

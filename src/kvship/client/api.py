@@ -28,7 +28,7 @@ class Client:
         *,
         arena_bytes: int = 32 * MIB,
         receive_arena_max: int = 256 * MIB,
-        chunk_bytes: int = 1 * MIB,
+        chunk_bytes: int = 4 * MIB,
         use_shm: bool | None = None,
         connect_timeout: float = 10.0,
     ) -> None:

@@ -55,8 +55,9 @@ class Sender:
         self._conn = conn
         self.request_id = request_id
         self.layout = tuple(layout)
-        self.chunk_bytes = chunk_bytes
-        self._starts = chunk_table(self.layout, chunk_bytes)
+        assert conn.proto is not None
+        self.chunk_bytes = min(chunk_bytes, conn.proto.conn.limits.max_chunk)
+        self._starts = chunk_table(self.layout, self.chunk_bytes)
         self._checksums = [0] * self._starts[-1]
         self._put = [False] * len(self.layout)
         self._started = time.perf_counter()
@@ -66,7 +67,7 @@ class Sender:
             TRANSFER_ID,
             request_id,
             self.layout,
-            chunk_bytes,
+            self.chunk_bytes,
             tuple(int(t) for t in token_ids),
             priority=priority,
             peer=peer,

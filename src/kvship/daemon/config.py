@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+MAX_CHUNK = 4 * MIB  # engines choose chunk sizes up to this, or the window if smaller
 
 
 class ConfigError(ValueError):
@@ -29,7 +30,6 @@ class Config:
     # Control plane (aiohttp): /healthz, /metrics, /v1/transfers.
     control_listen: str = "127.0.0.1:7472"
     connections_per_peer: int = 4
-    chunk_bytes: int = 1 * MIB
     window_bytes: int = 16 * MIB  # credit window per connection
     max_transfers_per_connection: int = 64
     staging_bytes: int = 64 * MIB  # received bytes held in daemon memory, all transfers
@@ -46,12 +46,7 @@ class Config:
 
         need(bool(self.node_name) and len(self.node_name) <= 255, "node_name", "1..255 chars")
         need(1 <= self.connections_per_peer <= 64, "connections_per_peer", "must be 1..64")
-        need(4096 <= self.chunk_bytes <= 4 * MIB, "chunk_bytes", "must be 4 KiB..4 MiB")
-        need(
-            self.chunk_bytes <= self.window_bytes <= 2**31 - 1,
-            "window_bytes",
-            "must be >= chunk_bytes and < 2 GiB",
-        )
+        need(64 * 1024 <= self.window_bytes < 2**31, "window_bytes", "must be 64 KiB .. 2 GiB")
         need(
             1 <= self.max_transfers_per_connection <= 4096,
             "max_transfers_per_connection",

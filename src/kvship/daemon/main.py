@@ -29,7 +29,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-listen", dest="engine_listen", help="host:port for engines")
     parser.add_argument("--control-listen", dest="control_listen", help="host:port, HTTP")
     parser.add_argument("--connections-per-peer", dest="connections_per_peer", type=int)
-    parser.add_argument("--chunk-bytes", dest="chunk_bytes", type=int)
     parser.add_argument("--window-bytes", dest="window_bytes", type=int)
     parser.add_argument("--staging-bytes", dest="staging_bytes", type=int)
     parser.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float)

@@ -121,8 +121,17 @@ class OutgoingTransfer:
             return
         if self.done.done():
             return
-        self.link.transfers[self.id] = self
         conns = self.link.conns
+        peer_max = conns[0].conn.limits.max_chunk
+        if self.opened.chunk_size > peer_max:
+            self.fail(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"chunk_size {self.opened.chunk_size} above {self.opened.peer}'s max_chunk "
+                f"{peer_max}",
+                tell_peer=False,
+            )
+            return
+        self.link.transfers[self.id] = self
         for stripe, conn in enumerate(conns):
             conn.send(
                 dataclasses.replace(

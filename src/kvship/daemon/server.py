@@ -33,7 +33,7 @@ from ..protocol import (
     Pong,
     ProtocolError,
 )
-from .config import Config
+from .config import MAX_CHUNK, Config
 from .engine_api import EngineSession, Subscription
 from .incoming import IncomingTransfer
 from .metrics import Metrics
@@ -51,8 +51,7 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.limits = Limits(
-            max_frame=config.chunk_bytes + 16 * 1024 * 1024,
-            max_chunk=max(config.chunk_bytes, 4 * 1024 * 1024),
+            max_chunk=min(MAX_CHUNK, config.window_bytes),  # a chunk must fit the window
             max_transfers=config.max_transfers_per_connection,
             initial_window=config.window_bytes,
         )
