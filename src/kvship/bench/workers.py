@@ -69,7 +69,9 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def recv(args: argparse.Namespace) -> dict[str, object]:
-    client = Client(args.address, arena_bytes=args.arena_bytes)
+    # A decode engine knows its model's layer size: its arena is ready before data flows.
+    layer_bytes = args.bytes // args.layers
+    client = Client(args.address, receive_arena_bytes=max(3 * layer_bytes, 64 << 20))
     receiver = await client.receive(args.request_id, timeout=120)
     cpu0 = time.process_time()
     digests: dict[int, str] = {}

@@ -18,8 +18,10 @@ class Client:
     """Talks to the local kvshipd (Unix socket path, or host:port for a remote engine host).
 
     On a Unix socket the client and daemon share a staging arena of shared memory per
-    transfer (``arena_bytes`` for a send; for a receive, three of its largest layer up to
-    ``receive_arena_max``), so KV crosses the engine<->daemon hop with one memcpy.
+    transfer, so KV crosses the engine<->daemon hop with one memcpy: ``arena_bytes`` for a
+    send; for a receive, ``receive_arena_bytes`` made before subscribing (an engine that
+    knows its model's layer size avoids any wait), or by default three of the largest
+    layer, up to ``receive_arena_max``, made once the layout is known.
     """
 
     def __init__(
@@ -28,6 +30,7 @@ class Client:
         *,
         arena_bytes: int = 32 * MIB,
         receive_arena_max: int = 256 * MIB,
+        receive_arena_bytes: int | None = None,
         chunk_bytes: int = 4 * MIB,
         use_shm: bool | None = None,
         connect_timeout: float = 10.0,
@@ -37,6 +40,7 @@ class Client:
         self.address = address or default_address()
         self.arena_bytes = arena_bytes
         self.receive_arena_max = receive_arena_max
+        self.receive_arena_bytes = receive_arena_bytes
         self.chunk_bytes = chunk_bytes
         self.use_shm = use_shm
         self.connect_timeout = connect_timeout
@@ -90,7 +94,7 @@ class Client:
         layers) for each next layer; raises :class:`kvship.errors.RequestNotFound` if it
         never comes.
         """
-        conn = await self._connect(0)  # the arena comes once the layout is known
+        conn = await self._connect(self.receive_arena_bytes or 0)
         assert conn.proto is not None
         timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
         conn.proto.send(Subscribe(request_id, timeout_ms))

@@ -169,6 +169,6 @@ async def open_receiver(
         conn.close()
         raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
     largest = max(spec.nbytes for spec in frame.layers)
-    if largest and conn.shm:
+    if largest and conn.shm and conn.arena is None:
         await conn.attach(min(max(3 * largest, 64 << 20), arena_max))
     return Receiver(conn, frame, timeout)

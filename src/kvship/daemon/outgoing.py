@@ -75,13 +75,9 @@ class OutgoingTransfer:
         self.tasks.append(spawn(self._run(), name=f"out-{self.id:x}"))
 
     def add_chunk(self, meta: ChunkMeta, data: memoryview, release: Release) -> None:
-        """A chunk from the engine: verify, then queue it on its stripe."""
+        """A chunk from the engine: queue it on its stripe (verified when sent)."""
         if self.done.done():
             release()
-            return
-        if chunk_checksum(data) != meta.checksum:
-            release()
-            self.fail(ErrorCode.CHECKSUM_MISMATCH, f"engine chunk {meta.chunk_index} checksum")
             return
         if self.seen[meta.chunk_index]:
             release()
@@ -153,6 +149,12 @@ class OutgoingTransfer:
                 conn.send(End(self.id, self.per_stripe[index], self._digest()))
                 return
             meta, data, release = item  # type: ignore[misc]
+            # Verified here, just before the kernel copies it: the read brings the chunk
+            # into cache for the copy. A corrupt engine must not get the link torn down.
+            if chunk_checksum(data) != meta.checksum:
+                release()
+                self.fail(ErrorCode.CHECKSUM_MISMATCH, f"engine chunk {meta.chunk_index}")
+                return
             try:
                 await conn.send_chunk(meta, data)
             except ConnectionError as exc:
