@@ -37,8 +37,11 @@ from kvship.bench.spawn import DaemonProcess
 from kvship.errors import IntegrityError, TransferError
 from kvship.protocol import (
     MAGIC,
+    ROLE_ENGINE,
+    Abort,
     ErrorCode,
     FrameType,
+    Hello,
     Ping,
     chunk_checksum,
     frame_header,
@@ -210,6 +213,33 @@ async def test_corrupt_chunk_is_checksum_mismatch(pair: tuple[DaemonProcess, ...
         assert record["state"] == "failed" and "CHECKSUM_MISMATCH" in record["error"]
 
     await with_good_transfer(pair, hostile())
+
+
+async def test_corrupt_engine_chunk_aborts_only_that_transfer(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """An engine whose staged bytes do not match its checksum: the prefill daemon ABORTs
+    that transfer (CHECKSUM_MISMATCH) and keeps the peer link, so nothing else fails."""
+    a, b = pair
+    await good_transfer(a, b)  # the a -> b link is up
+    links_before = a.get_json("/v1/links")["links"]
+    peer_errors_before = error_count(b, "CHECKSUM_MISMATCH")
+    engine = await RawPeer.connect(a.addresses["engine"])
+    await engine.send(MAGIC + Hello(ROLE_ENGINE, "bad-engine").encode())
+    assert (await engine.read_frame() or (0,))[0] == FrameType.HELLO_ACK
+    await engine.send(open_frame(1, f"bad-engine-{new_tid():x}", [4096], 4096, peer=b.peer))
+    await engine.send(chunk_frame(1, 0, 0, 0, bytes(4096), checksum=12345))
+    frame = None
+    for _ in range(10):
+        frame = await engine.read_frame()
+        if frame is None or frame[0] == FrameType.ABORT:
+            break
+    engine.close()
+    assert frame is not None and frame[0] == FrameType.ABORT
+    assert Abort.decode(memoryview(frame[1])).code == ErrorCode.CHECKSUM_MISMATCH
+    await good_transfer(a, b)
+    assert a.get_json("/v1/links")["links"] == links_before
+    assert error_count(b, "CHECKSUM_MISMATCH") == peer_errors_before
 
 
 async def test_chunk_outside_layout_is_layout_mismatch(pair: tuple[DaemonProcess, ...]) -> None:
