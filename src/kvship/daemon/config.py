@@ -30,7 +30,7 @@ class Config:
     # Control plane (aiohttp): /healthz, /metrics, /v1/transfers.
     control_listen: str = "127.0.0.1:7472"
     connections_per_peer: int = 4
-    window_bytes: int = 16 * MIB  # credit window per connection
+    window_bytes: int = 8 * MIB  # credit window per connection
     max_transfers_per_connection: int = 64
     staging_bytes: int = 64 * MIB  # received bytes held in daemon memory, all transfers
     subscribe_timeout_s: float = 30.0  # default wait of an engine's receive()
