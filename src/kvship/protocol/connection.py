@@ -21,6 +21,7 @@ from enum import Enum, auto
 
 from .errors import ErrorCode, ProtocolError
 from .frames import (
+    CAP_CODECS,
     CAP_STRIPING,
     CODEC_RAW,
     DECODERS,
@@ -29,6 +30,7 @@ from .frames import (
     HEADER,
     HEADER_SIZE,
     KNOWN_CAPS,
+    KNOWN_CODECS,
     MAGIC,
     MAX_WINDOW,
     MIN_VERSION,
@@ -457,7 +459,7 @@ class Connection:
     def _check_chunk(self, meta: ChunkMeta, wire_length: int) -> None:
         incoming = self._incoming.get(meta.transfer_id)
         if incoming is None and meta.transfer_id in self._forgotten:
-            if meta.codec != CODEC_RAW or wire_length > self.limits.max_chunk:
+            if wire_length > self.limits.max_chunk:
                 raise self._fail(ErrorCode.MALFORMED_FRAME, "bad chunk for an ended transfer")
             return
         if incoming is None:
@@ -480,12 +482,19 @@ class Connection:
                 f"chunk {meta.chunk_index} claims offset {meta.offset} length {meta.raw_length}, "
                 f"the layout puts it at {offset} length {expect_len}",
             )
-        if meta.codec != CODEC_RAW:
+        if meta.codec == CODEC_RAW:
+            if wire_length != meta.raw_length:
+                raise self._fail(
+                    ErrorCode.MALFORMED_FRAME,
+                    f"raw chunk carries {wire_length} B, raw_length is {meta.raw_length}",
+                )
+        elif meta.codec not in KNOWN_CODECS or not self.negotiated.capabilities & CAP_CODECS:
             raise self._fail(ErrorCode.UNSUPPORTED_CODEC, f"chunk codec {meta.codec}")
-        if wire_length != meta.raw_length:
+        elif not 0 < wire_length < meta.raw_length:
+            # Coded chunks exist only because they are smaller (else they travel raw).
             raise self._fail(
                 ErrorCode.MALFORMED_FRAME,
-                f"raw chunk carries {wire_length} B, raw_length is {meta.raw_length}",
+                f"codec {meta.codec} chunk of {wire_length} B for {meta.raw_length} raw bytes",
             )
         incoming.chunks_seen += 1
 

@@ -33,11 +33,15 @@ ROLE_PEER = 1  # another kvshipd (the data plane between clusters)
 ROLE_ENGINE = 2  # an inference engine's kvship.Client on the local API
 
 CODEC_RAW = 0
+CODEC_ZSTD = 1  # zstd frame of the chunk's bytes (kvship.payload)
+CODEC_SPLIT16 = 2  # 2-byte values split into planes; high plane entropy-coded (kvship.payload)
+KNOWN_CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_SPLIT16)
 
 # Capability bits (HELLO / HELLO_ACK). Unknown bits are ignored; the ACK holds the intersection.
 CAP_SHM = 1 << 0  # shared-memory staging arena on the local API (Unix socket only)
 CAP_STRIPING = 1 << 1  # a transfer may be striped over several connections
-KNOWN_CAPS = CAP_SHM | CAP_STRIPING
+CAP_CODECS = 1 << 2  # chunks may carry codecs other than raw (zstd, split16)
+KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS
 
 
 class FrameType:
@@ -700,12 +704,16 @@ Frame = (
 )
 
 __all__ = [
+    "CAP_CODECS",
     "CAP_SHM",
     "CAP_STRIPING",
+    "CODEC_SPLIT16",
+    "CODEC_ZSTD",
     "CODEC_RAW",
     "FLAG_IGNORABLE",
     "HEADER_SIZE",
     "KNOWN_CAPS",
+    "KNOWN_CODECS",
     "MAGIC",
     "MAX_REQUEST_ID",
     "PROTOCOL_VERSION",
