@@ -17,8 +17,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..aio import FramedProtocol
+from ..aio import FramedProtocol, spawn
 from ..protocol import (
+    CODEC_RAW,
     Abort,
     Chunk,
     ChunkMeta,
@@ -58,6 +59,7 @@ class IncomingTransfer:
         # are copied into the region before the layer is handed over.
         self.regions: dict[int, int] = {}
         self.held: dict[int, list[tuple[int, bytearray]]] = {}  # layer -> chunks in memory
+        self.decoding = 0  # coded chunks being decoded in the codec pool
         self.ready: deque[int] = deque(i for i, n in enumerate(self.pending) if n == 0)
         self.subscriber: Subscription | None = None
         self.state = "receiving"  # receiving | received | delivered | failed
@@ -88,8 +90,9 @@ class IncomingTransfer:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"stripe {opened.stripe} opened twice")
         self.stripe_conns[opened.stripe] = conn
 
-    def sink(self, meta: ChunkMeta, wire_length: int) -> tuple[memoryview, bool]:
-        """Where chunk bytes should land: (buffer, in_arena)."""
+    def destination(self, meta: ChunkMeta) -> tuple[memoryview, bool]:
+        """Where a chunk's raw bytes go: (buffer, in_arena). The layer's region of the
+        engine's arena when there is room, else daemon memory."""
         sub = self.subscriber
         if self.state == "receiving" and sub is not None:
             layer = meta.layer
@@ -99,11 +102,25 @@ class IncomingTransfer:
                 if offset is not None:
                     self.regions[layer] = offset
             if offset is not None:
-                return sub.view(offset + meta.offset, wire_length), True
-        return memoryview(bytearray(wire_length)), False
+                return sub.view(offset + meta.offset, meta.raw_length), True
+        return memoryview(bytearray(meta.raw_length)), False
+
+    def sink(self, meta: ChunkMeta, wire_length: int) -> tuple[memoryview, bool]:
+        """Where a chunk's wire bytes land: raw ones at their destination, coded ones in a
+        scratch buffer they are decoded from."""
+        if meta.codec != CODEC_RAW:
+            return memoryview(bytearray(wire_length)), False
+        return self.destination(meta)
 
     def on_chunk(self, conn: FramedProtocol, chunk: Chunk, in_arena: bool) -> None:
         meta, data = chunk.meta, chunk.data
+        if self.state != "receiving":  # a failed transfer: bytes are read and dropped
+            conn.grant(len(data))
+            return
+        if meta.codec != CODEC_RAW:
+            self.decoding += 1
+            spawn(self._decode(conn, meta, data), f"decode-{self.id:x}-{meta.chunk_index}")
+            return
         if chunk_checksum(data) != meta.checksum:
             # The connection's bytes can no longer be trusted: close it (the caller does)
             # and make sure no half of this transfer is ever delivered.
@@ -112,17 +129,40 @@ class IncomingTransfer:
                 ErrorCode.CHECKSUM_MISMATCH,
                 f"transfer {self.id:x} chunk {meta.chunk_index}: checksum mismatch",
             )
-        n = len(data)
-        if self.state != "receiving":  # a failed transfer: bytes are read and dropped
-            conn.grant(n)
+        self._accept(conn, meta, data, in_arena, len(data))
+
+    async def _decode(self, conn: FramedProtocol, meta: ChunkMeta, wire: memoryview) -> None:
+        """Decode a coded chunk in a worker, verifying its checksum, then accept it."""
+        try:
+            out, in_arena = self.destination(meta)
+            try:
+                await self.daemon.codecs.decode(
+                    meta.codec, wire, meta.raw_length, meta.checksum, out
+                )
+            except ProtocolError as exc:
+                self.fail(exc.code, f"chunk {meta.chunk_index}: {exc.message}")
+                conn.fail(exc)  # like a raw checksum mismatch: this connection lied
+                return
+        finally:
+            self.decoding -= 1
+        if self.state != "receiving":
+            conn.grant(len(wire))
             return
+        self._accept(conn, meta, out, in_arena, len(wire))
+        self._maybe_received()
+
+    def _accept(
+        self, conn: FramedProtocol, meta: ChunkMeta, data: memoryview, in_arena: bool, wire: int
+    ) -> None:
+        """A verified chunk is in place: account for it and credit its wire bytes back."""
+        n = len(data)
         self.last_activity = time.monotonic()
         self.digest.add(meta.chunk_index, meta.checksum)
         if in_arena:
-            conn.grant(n)
+            conn.grant(wire)
         else:
             self.held.setdefault(meta.layer, []).append((meta.offset, data.obj))  # type: ignore[arg-type]
-            self.daemon.hold(conn, n)
+            self.daemon.hold(conn, n, wire)
             self.daemon.metrics.chunks_staged.inc()
         self.record.bytes_done += n
         self.record.chunks_done += 1
@@ -138,7 +178,11 @@ class IncomingTransfer:
         if stripe is None or stripe in self.ends:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "END on a connection with no stripe")
         self.ends[stripe] = end
-        if len(self.ends) < self.n_stripes or self.state != "receiving":
+        self._maybe_received()
+
+    def _maybe_received(self) -> None:
+        """Every stripe ended and every chunk is decoded: check the digest, acknowledge."""
+        if len(self.ends) < self.n_stripes or self.state != "receiving" or self.decoding:
             return
         if not self.digest.complete:
             self.fail(ErrorCode.PROTOCOL_ERROR, "every stripe ended but chunks are missing")

@@ -303,14 +303,15 @@ class Daemon:
             self.history.popitem(last=False)
 
     # --------------------------------------------------------- memory bound
-    def hold(self, proto: FramedProtocol, nbytes: int) -> None:
-        """``nbytes`` of chunk data now sit in daemon memory; credit only while under cap."""
+    def hold(self, proto: FramedProtocol, nbytes: int, credit: int) -> None:
+        """``nbytes`` of chunk data now sit in daemon memory; the ``credit`` (wire bytes)
+        goes back to the peer only while that memory is under ``staging_bytes``."""
         self.staged += nbytes
         self.metrics.staged_bytes.set(self.staged)
         if self.staged <= self.config.staging_bytes and not self.deferred:
-            proto.grant(nbytes)
+            proto.grant(credit)
         else:
-            self.deferred.append((proto, nbytes))
+            self.deferred.append((proto, credit))
 
     def unhold(self, nbytes: int) -> None:
         self.staged -= nbytes
