@@ -32,6 +32,11 @@ class Config:
     connections_per_peer: int = 4
     window_bytes: int = 8 * MIB  # credit window per connection
     max_transfers_per_connection: int = 64
+    # Chunk compression towards peers: raw | zstd | split (split16 for 2-byte dtypes, zstd
+    # for the rest) | auto (split's codecs, only while the link is the bottleneck).
+    compression: str = "auto"
+    compress_level: int = 1  # zstd level of the zstd codec
+    compress_workers: int = 2  # threads that compress and decompress chunks
     staging_bytes: int = 64 * MIB  # received bytes held in daemon memory, all transfers
     subscribe_timeout_s: float = 30.0  # default wait of an engine's receive()
     retention_s: float = 120.0  # how long a received, unclaimed transfer is kept
@@ -52,6 +57,13 @@ class Config:
             "max_transfers_per_connection",
             "1..4096",
         )
+        need(
+            self.compression in ("raw", "zstd", "split", "auto"),
+            "compression",
+            "raw|zstd|split|auto",
+        )
+        need(1 <= self.compress_level <= 19, "compress_level", "must be 1..19")
+        need(1 <= self.compress_workers <= 64, "compress_workers", "must be 1..64")
         need(self.staging_bytes >= self.window_bytes, "staging_bytes", "must be >= window_bytes")
         for key in ("subscribe_timeout_s", "retention_s", "connect_timeout_s", "drain_timeout_s"):
             need(0 < getattr(self, key) <= 86400, key, "must be > 0 and at most a day")

@@ -31,6 +31,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections-per-peer", dest="connections_per_peer", type=int)
     parser.add_argument("--window-bytes", dest="window_bytes", type=int)
     parser.add_argument("--staging-bytes", dest="staging_bytes", type=int)
+    parser.add_argument(
+        "--compression", dest="compression", help="raw | zstd | split | auto (default)"
+    )
+    parser.add_argument("--compress-level", dest="compress_level", type=int)
+    parser.add_argument("--compress-workers", dest="compress_workers", type=int)
     parser.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float)
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument(

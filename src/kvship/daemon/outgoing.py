@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..aio import FramedProtocol, spawn
 from ..protocol import (
+    CODEC_RAW,
     HEADER_SIZE,
     Abort,
     ChunkMeta,
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvship.out")
 
 Release = Callable[[], None]
+
+
+def _nothing() -> None:
+    pass
+
+
 CHUNK_OVERHEAD = HEADER_SIZE + ChunkMeta.FIXED.size  # bytes a CHUNK frame adds to its data
 _END = object()
 
@@ -140,7 +147,8 @@ class OutgoingTransfer:
         )
 
     async def _stripe(self, index: int, conn: FramedProtocol) -> None:
-        queue, metrics = self.queues[index], self.daemon.metrics
+        queue, metrics, link = self.queues[index], self.daemon.metrics, self.link
+        assert link is not None
         sent_bytes = metrics.bytes_sent.labels(self.opened.peer)
         wire_bytes = metrics.wire_bytes_sent.labels(self.opened.peer)
         while True:
@@ -155,17 +163,26 @@ class OutgoingTransfer:
                 release()
                 self.fail(ErrorCode.CHECKSUM_MISMATCH, f"engine chunk {meta.chunk_index}")
                 return
+            raw_length, wire = len(data), data
+            codec = link.codec_for(self.opened.layers[meta.layer].dtype)
+            if codec != CODEC_RAW:
+                used, coded = await self.daemon.codecs.encode(data, codec)
+                if used != CODEC_RAW:
+                    release()  # the coded copy is what travels: the engine gets its slot back
+                    release = _nothing
+                    meta, wire = dataclasses.replace(meta, codec=used), memoryview(coded)
             try:
-                await conn.send_chunk(meta, data)
+                await conn.send_chunk(meta, wire)
             except ConnectionError as exc:
                 release()
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
                 return
             release()
-            self.record.bytes_done += len(data)
+            link.note_sent(raw_length, len(wire) + CHUNK_OVERHEAD)
+            self.record.bytes_done += raw_length
             self.record.chunks_done += 1
-            sent_bytes.inc(len(data))
-            wire_bytes.inc(len(data) + CHUNK_OVERHEAD)
+            sent_bytes.inc(raw_length)
+            wire_bytes.inc(len(wire) + CHUNK_OVERHEAD)
             metrics.chunks_sent.inc()
 
     def on_complete(self, frame: Complete) -> None:

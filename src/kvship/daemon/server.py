@@ -14,6 +14,7 @@ from typing import Any
 from ..aio import FramedProtocol
 from ..aio.framed import split_hostport
 from ..protocol import (
+    CAP_CODECS,
     CAP_SHM,
     CAP_STRIPING,
     ROLE_ENGINE,
@@ -33,6 +34,7 @@ from ..protocol import (
     Pong,
     ProtocolError,
 )
+from .codecpool import CodecPool
 from .config import MAX_CHUNK, Config
 from .engine_api import EngineSession, Subscription
 from .incoming import IncomingTransfer
@@ -50,6 +52,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.codecs = CodecPool(config.compress_workers, config.compress_level)
         self.limits = Limits(
             max_chunk=min(MAX_CHUNK, config.window_bytes),  # a chunk must fit the window
             max_transfers=config.max_transfers_per_connection,
@@ -126,6 +129,7 @@ class Daemon:
                 conn.write(GoAway(int(ErrorCode.SHUTTING_DOWN), "daemon stopped").encode())
             conn.close()
         await asyncio.sleep(0)
+        self.codecs.close()
         if self.config.engine_socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.engine_socket)
@@ -182,7 +186,7 @@ class Daemon:
                     ErrorCode.CANCELLED, f"sender aborted: {frame.message}", tell_sender=False
                 )
         elif isinstance(frame, Hello):
-            self._handshake(proto, frame, ROLE_PEER, CAP_STRIPING)
+            self._handshake(proto, frame, ROLE_PEER, CAP_STRIPING | CAP_CODECS)
         elif isinstance(frame, Ping):
             proto.send(Pong(frame.opaque))
 
