@@ -67,6 +67,8 @@ def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
 
 def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     daemon_args = [
+        "--compression",
+        opts.compress,
         "--connections-per-peer",
         str(opts.connections),
         "--log-level",
@@ -163,6 +165,13 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "receiver_staged_chunks": max(r["staged_chunks"] for r in runs),
         "tail_lag_ms": round(statistics.median(r["tail_lag_s"] for r in runs) * 1000, 2),
         "layer_wire_ms": round(layer_wire_ms, 2),
+        "compress": opts.compress,
+        "compression_ratio": round(
+            statistics.median(r["payload_bytes"] / r["wire_bytes"] for r in runs), 4
+        ),
+        "wire_GBps": round(
+            statistics.median(r["wire_bytes"] / r["seconds"] for r in runs) / 1e9, 3
+        ),
         "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
         "baseline_runs_GBps": [round(opts.bytes / s / 1e9, 3) for s in baselines],
     }
@@ -197,6 +206,12 @@ def add_bench_parser(sub: Any) -> None:
         help="pause between puts, to model a prefill producing layers",
     )
     p.add_argument("--data", default="", help="an .npy of real KV, repeated to --bytes")
+    p.add_argument(
+        "--compress",
+        choices=["raw", "zstd", "split", "auto"],
+        default="auto",
+        help="the daemons' chunk compression policy (default auto)",
+    )
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_cmd_bench)
