@@ -50,3 +50,10 @@ def test_striped_open_needs_the_striping_capability() -> None:
     client, server = pair(offer=CAP_SHM)
     striped = Open(1, "r", layout(8).layers, 8, n_stripes=2, stripe=1)
     expect_error(server, client.send(striped), ErrorCode.PROTOCOL_ERROR)
+
+
+def test_pong_is_not_a_ping() -> None:
+    """Handlers dispatch on type: a PONG taken for a PING would be answered forever."""
+    from kvship.protocol import Ping, Pong
+
+    assert not isinstance(Pong(1), Ping) and not isinstance(Ping(1), Pong)

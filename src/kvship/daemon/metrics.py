@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Link figures exported per peer: (metric name, figures_json key, help)
+LINK_GAUGES = (
+    ("kvship_link_wire_bytes_per_second", "wire_Bps", "Achieved wire rate (moving average)"),
+    ("kvship_link_payload_bytes_per_second", "payload_Bps", "Achieved KV payload rate"),
+    ("kvship_link_compression_ratio", "compression_ratio", "Payload bytes per wire byte"),
+    ("kvship_link_queued_bytes", "queued_bytes", "Staged chunk bytes waiting for the link"),
+    ("kvship_link_queue_wait_seconds", "queue_wait_s", "How long chunks wait for a stripe"),
+    ("kvship_link_rtt_seconds", "rtt_s", "PING/PONG round trip through the daemons"),
+    ("kvship_link_tcp_retransmits", "tcp_retransmits", "Retransmitted TCP segments (TCP_INFO)"),
+    ("kvship_link_connections", "connections", "Open connections of the link"),
+)
+
+
+class LinkCollector(Collector):
+    """Reads the links' live figures at scrape time: nothing is updated per chunk for it."""
+
+    def __init__(self, links: Callable[[], list[dict[str, Any]]]) -> None:
+        self.links = links
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        figures = self.links()
+        for name, key, help_text in LINK_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=["peer"])
+            for link in figures:
+                if link.get(key) is not None:
+                    family.add_metric([str(link["peer"])], float(link[key]))
+            yield family
 
 
 class Metrics:
@@ -50,6 +83,9 @@ class Metrics:
         self.connections = Gauge(
             "kvship_connections", "Open connections by kind", ["kind"], registry=r
         )
+
+    def watch_links(self, links: Callable[[], list[dict[str, Any]]]) -> None:
+        self.registry.register(LinkCollector(links))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,7 @@ class OutgoingTransfer:
         ]
         self.checksums = [0] * opened.n_chunks
         self.seen = bytearray(opened.n_chunks)
+        self.queued_bytes = 0  # staged in the engine's arena, waiting for a stripe
         self.chunks_in = 0
         self.per_stripe = [0] * self.n_stripes
         self.link: PeerLink | None = None
@@ -96,7 +98,8 @@ class OutgoingTransfer:
         stripe = meta.chunk_index % self.n_stripes
         self.per_stripe[stripe] += 1
         peer_meta = dataclasses.replace(meta, transfer_id=self.id)
-        self.queues[stripe].put_nowait((peer_meta, data, release))
+        self.queued_bytes += len(data)
+        self.queues[stripe].put_nowait((peer_meta, data, release, time.monotonic()))
 
     def end(self, engine_end: End) -> None:
         """The engine sent its last chunk."""
@@ -156,7 +159,9 @@ class OutgoingTransfer:
             if item is _END:
                 conn.send(End(self.id, self.per_stripe[index], self._digest()))
                 return
-            meta, data, release = item  # type: ignore[misc]
+            meta, data, release, queued_at = item  # type: ignore[misc]
+            self.queued_bytes -= len(data)
+            link.figures.waited(time.monotonic() - queued_at)
             # Verified here, just before the kernel copies it: the read brings the chunk
             # into cache for the copy. A corrupt engine must not get the link torn down.
             if chunk_checksum(data) != meta.checksum:

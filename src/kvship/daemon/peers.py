@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
-from ..aio import FramedProtocol, open_connection
+from ..aio import FramedProtocol, open_connection, spawn
 from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
 from ..protocol import (
     CAP_CODECS,
@@ -32,36 +35,77 @@ log = logging.getLogger("kvship.peer")
 
 
 class LinkFigures:
-    """Moving rates of one link, cheap to read: updated as chunks leave, folded into an
-    exponentially weighted average every quarter second."""
+    """Rates of one link over the last second, cheap to read (the router reads them per
+    request): running sums over a deque of recent chunks, old entries dropped as we go."""
 
-    WINDOW_S = 0.25
+    WINDOW_S = 1.0
 
     def __init__(self) -> None:
         self.payload_total = 0
         self.wire_total = 0
-        self.payload_Bps = 0.0
-        self.wire_Bps = 0.0
-        self._start = time.monotonic()
+        self.queue_wait_s = 0.0  # how long chunks wait for their stripe, smoothed
+        self._recent: deque[tuple[float, int, int]] = deque()
         self._payload = 0
         self._wire = 0
+        self._since = time.monotonic()
+
+    def waited(self, seconds: float) -> None:
+        self.queue_wait_s += 0.1 * (seconds - self.queue_wait_s)
 
     def add(self, payload: int, wire: int) -> None:
+        now = time.monotonic()
+        if not self._recent:
+            self._since = now
         self.payload_total += payload
         self.wire_total += wire
+        self._recent.append((now, payload, wire))
         self._payload += payload
         self._wire += wire
-        now = time.monotonic()
-        elapsed = now - self._start
-        if elapsed >= self.WINDOW_S:
-            alpha = 0.5 if self.wire_Bps else 1.0
-            self.payload_Bps += alpha * (self._payload / elapsed - self.payload_Bps)
-            self.wire_Bps += alpha * (self._wire / elapsed - self.wire_Bps)
-            self._start, self._payload, self._wire = now, 0, 0
+        self._expire(now)
+
+    def _expire(self, now: float) -> float:
+        """Drop entries older than the window; returns the span the sums cover."""
+        cutoff = now - self.WINDOW_S
+        while self._recent and self._recent[0][0] < cutoff:
+            _, payload, wire = self._recent.popleft()
+            self._payload -= payload
+            self._wire -= wire
+            self._since = max(self._since, cutoff)
+        return max(min(self.WINDOW_S, now - self._since), 0.05)
+
+    @property
+    def measured(self) -> bool:
+        """Whether the window holds enough history (a quarter second) to judge the link."""
+        return bool(self._recent) and time.monotonic() - self._since >= 0.25
+
+    @property
+    def wire_Bps(self) -> float:
+        return self._wire / self._expire(time.monotonic())
+
+    @property
+    def payload_Bps(self) -> float:
+        return self._payload / self._expire(time.monotonic())
 
     @property
     def compression_ratio(self) -> float:
         return self.payload_total / self.wire_total if self.wire_total else 1.0
+
+
+_TCP_INFO = struct.Struct("=B7x60xI28xI")  # struct tcp_info: state, ..., rtt (us), total_retrans
+
+
+def tcp_info(conn: FramedProtocol) -> tuple[float, int] | None:
+    """(smoothed RTT in seconds, retransmitted segments) from the kernel, where it tells."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+        _, rtt_us, retrans = _TCP_INFO.unpack(raw[: _TCP_INFO.size])
+    except (OSError, struct.error):
+        return None
+    return rtt_us / 1e6, retrans
 
 
 class PeerLink:
@@ -73,6 +117,8 @@ class PeerLink:
         self.dead = False
         self.goaway: GoAway | None = None  # why the peer closed, when it said so
         self.figures = LinkFigures()
+        self.rtt_s: float | None = None  # PING/PONG round trip, smoothed
+        self._pinger: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         cfg = self.daemon.config
@@ -98,7 +144,48 @@ class PeerLink:
                 conn.close()
             raise
         self.daemon.metrics.connections.labels("peer_out").inc(len(self.conns))
+        self._pinger = spawn(self._ping(), f"ping-{self.address}")
         log.info("link to %s up: %d connections", self.address, len(self.conns))
+
+    async def _ping(self, every_s: float = 1.0) -> None:
+        """RTT through the daemons themselves (queueing included), once a second."""
+        while not self.dead:
+            conn = self.conns[0]
+            if conn.is_open:
+                conn.send(Ping(time.monotonic_ns()))
+            await asyncio.sleep(every_s)
+
+    def _on_pong(self, frame: Pong) -> None:
+        rtt = (time.monotonic_ns() - frame.opaque) / 1e9
+        if 0 <= rtt < 600:
+            self.rtt_s = rtt if self.rtt_s is None else self.rtt_s + 0.25 * (rtt - self.rtt_s)
+
+    def figures_json(self) -> dict[str, object]:
+        """The link's live figures (what the router reads): cheap, no I/O."""
+        retrans = 0
+        kernel_rtt = []
+        for conn in self.conns:
+            info = tcp_info(conn) if conn.is_open else None
+            if info is not None:
+                kernel_rtt.append(info[0])
+                retrans += info[1]
+        fig = self.figures
+        return {
+            "peer": self.address,
+            "connections": sum(1 for c in self.conns if c.is_open),
+            "transfers": len(self.transfers),
+            "wire_Bps": round(fig.wire_Bps),
+            "payload_Bps": round(fig.payload_Bps),
+            "compression_ratio": round(fig.compression_ratio, 4),
+            "queued_chunks": self.queued_chunks,
+            "queued_bytes": sum(t.queued_bytes for t in self.transfers.values()),
+            "queue_wait_s": round(fig.queue_wait_s, 6),
+            "rtt_s": None if self.rtt_s is None else round(self.rtt_s, 6),
+            "tcp_rtt_s": round(max(kernel_rtt), 6) if kernel_rtt else None,
+            "tcp_retransmits": retrans,
+            "payload_bytes_total": fig.payload_total,
+            "wire_bytes_total": fig.wire_total,
+        }
 
     @property
     def queued_chunks(self) -> int:
@@ -122,9 +209,8 @@ class PeerLink:
             return CODEC_ZSTD
         if policy == "split":
             return choose_codec(dtype)
-        pool = self.daemon.codecs
-        wire_Bps = self.figures.wire_Bps
-        slow = 0 < wire_Bps < 0.5 * pool.workers * pool.encode_Bps
+        pool, fig = self.daemon.codecs, self.figures
+        slow = fig.measured and fig.wire_Bps < 0.5 * pool.workers * pool.encode_Bps
         if slow and self.queued_chunks >= len(self.conns):
             return choose_codec(dtype)
         return CODEC_RAW
@@ -143,6 +229,8 @@ class PeerLink:
                 transfer.on_peer_abort(frame)
         elif isinstance(frame, Ping):
             conn.send(Pong(frame.opaque))
+        elif isinstance(frame, Pong):
+            self._on_pong(frame)
         elif isinstance(frame, GoAway):
             self.goaway = frame
             log.warning("peer %s sent GOAWAY %s: %s", self.address, frame.code, frame.message)
@@ -165,6 +253,8 @@ class PeerLink:
 
     def close(self) -> None:
         self.dead = True
+        if self._pinger is not None:
+            self._pinger.cancel()
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.close()

@@ -52,6 +52,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.metrics.watch_links(self.links_json)
         self.codecs = CodecPool(config.compress_workers, config.compress_level)
         self.limits = Limits(
             max_chunk=min(MAX_CHUNK, config.window_bytes),  # a chunk must fit the window
@@ -341,14 +342,7 @@ class Daemon:
         return [r.to_json() for r in records.values()]
 
     def links_json(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "peer": addr,
-                "connections": sum(1 for c in link.conns if c.is_open),
-                "transfers": len(link.transfers),
-            }
-            for addr, link in self.links.items()
-        ]
+        return [link.figures_json() for link in self.links.values()]
 
 
 class _PeerSink:

@@ -521,9 +521,11 @@ class Abort:
         return cls(tid, code, message)
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
-    TYPE: ClassVar[int] = FrameType.PING
+class _Opaque:
+    """PING and PONG share a body (8 opaque bytes) but are distinct frames: a PONG must
+    never be mistaken for a PING (two peers would answer each other forever)."""
+
+    TYPE: ClassVar[int]
     FIXED: ClassVar[struct.Struct] = struct.Struct(">Q")
     opaque: int
 
@@ -531,14 +533,21 @@ class Ping:
         return _frame(self.TYPE, self.FIXED.pack(self.opaque))
 
     @classmethod
-    def decode(cls, body: memoryview) -> Ping:
+    def decode(cls, body: memoryview) -> Any:
         _exact(body, cls.FIXED.size, cls.__name__.upper())
         return cls(*cls.FIXED.unpack_from(body))
 
 
 @dataclass(frozen=True, slots=True)
-class Pong(Ping):
+class Ping(_Opaque):
+    TYPE: ClassVar[int] = FrameType.PING
+    opaque: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Opaque):
     TYPE: ClassVar[int] = FrameType.PONG
+    opaque: int
 
 
 @dataclass(frozen=True, slots=True)
