@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..ratelimit import parse_rate
 from .spawn import DaemonProcess
 
 GIB = 1 << 30
@@ -67,6 +68,8 @@ def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
 
 def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     daemon_args = [
+        "--peer-rate",
+        opts.rate,
         "--compression",
         opts.compress,
         "--connections-per-peer",
@@ -165,6 +168,7 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "receiver_staged_chunks": max(r["staged_chunks"] for r in runs),
         "tail_lag_ms": round(statistics.median(r["tail_lag_s"] for r in runs) * 1000, 2),
         "layer_wire_ms": round(layer_wire_ms, 2),
+        **_cap_figures(opts.rate, opts.bytes / seconds, runs),
         "compress": opts.compress,
         "compression_ratio": round(
             statistics.median(r["payload_bytes"] / r["wire_bytes"] for r in runs), 4
@@ -174,6 +178,19 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         ),
         "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
         "baseline_runs_GBps": [round(opts.bytes / s / 1e9, 3) for s in baselines],
+    }
+
+
+def _cap_figures(rate: str, goodput_Bps: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the transfer used a capped link: payload vs cap, and wire rate error in %."""
+    cap = parse_rate(rate)
+    if cap == float("inf"):
+        return {"link_cap_GBps": None, "effective_vs_cap": None, "rate_error_pct": None}
+    wire_Bps = statistics.median(r["wire_bytes"] / r["seconds"] for r in runs)
+    return {
+        "link_cap_GBps": round(cap / 1e9, 4),
+        "effective_vs_cap": round(goodput_Bps / cap, 3),
+        "rate_error_pct": round((wire_Bps - cap) / cap * 100, 2),
     }
 
 
@@ -206,6 +223,7 @@ def add_bench_parser(sub: Any) -> None:
         help="pause between puts, to model a prefill producing layers",
     )
     p.add_argument("--data", default="", help="an .npy of real KV, repeated to --bytes")
+    p.add_argument("--rate", default="unlimited", help="token-bucket cap of the link, e.g. 1gbit")
     p.add_argument(
         "--compress",
         choices=["raw", "zstd", "split", "auto"],

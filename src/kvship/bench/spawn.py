@@ -34,6 +34,7 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes] | None = None
     addresses: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", "ns1"]
 
     def start(self, timeout: float = 20.0) -> DaemonProcess:
         ready = self.workdir / f"{self.name}.ready"
@@ -41,6 +42,7 @@ class DaemonProcess:
         self.log_path = self.workdir / f"{self.name}.log"
         bracket = f"[{self.host}]" if ":" in self.host else self.host
         args = [
+            *self.prefix,
             sys.executable, "-m", "kvship.daemon.main",
             "--node-name", self.name,
             "--peer-listen", f"{bracket}:0",

@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         raise CliError(f"bad configuration: {exc}", EXIT_USAGE) from exc
-    return run(config, args.ready_file)
+    return run(config, args.ready_file, lambda: config_from_args(args))
 
 
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

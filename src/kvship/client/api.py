@@ -12,6 +12,7 @@ from .receiver import Receiver, open_receiver
 from .sender import Sender, SendResult
 
 MIB = 1024 * 1024
+PRIORITIES = {"bulk": 0, "latency": 1}  # OPEN.priority
 
 
 class Client:
@@ -60,13 +61,19 @@ class Client:
         *,
         peer: str,
         token_ids: Sequence[int] = (),
-        priority: int = 0,
+        priority: str = "bulk",
     ) -> Sender:
-        """Open a transfer of ``request_id`` to the daemon at ``peer`` (host:port)."""
+        """Open a transfer of ``request_id`` to the daemon at ``peer`` (host:port).
+
+        ``priority``: "latency" transfers go before "bulk" ones on a rate-limited link."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {sorted(PRIORITIES)}, got {priority!r}")
         if not layout:
             raise ValueError("layout has no layers")
         conn = await self._connect(max(self.chunk_bytes, self.arena_bytes))
-        return Sender(conn, request_id, layout, peer, token_ids, self.chunk_bytes, priority)
+        return Sender(
+            conn, request_id, layout, peer, token_ids, self.chunk_bytes, PRIORITIES[priority]
+        )
 
     async def send_arrays(
         self,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..ratelimit import RateError, parse_burst, parse_rate
+
 MIB = 1024 * 1024
 MAX_CHUNK = 4 * MIB  # engines choose chunk sizes up to this, or the window if smaller
 
@@ -32,6 +34,13 @@ class Config:
     connections_per_peer: int = 4
     window_bytes: int = 8 * MIB  # credit window per connection
     max_transfers_per_connection: int = 64
+    # Token buckets in bytes on the wire (after compression): each peer link, and all of
+    # them together ("egress"). Rates like "10gbit", "1.5Gbit/s", "125MB/s" or "unlimited";
+    # bursts like "16MiB" (at least two chunks, see docs/ratelimit.md).
+    peer_rate: str = "unlimited"
+    peer_burst: str = "16MiB"
+    egress_rate: str = "unlimited"
+    egress_burst: str = "16MiB"
     # Chunk compression towards peers: raw | zstd | split (split16 for 2-byte dtypes, zstd
     # for the rest) | auto (split's codecs, only while the link is the bottleneck).
     compression: str = "auto"
@@ -63,6 +72,16 @@ class Config:
             "raw|zstd|split|auto",
         )
         need(1 <= self.compress_level <= 19, "compress_level", "must be 1..19")
+        for key in ("peer_rate", "egress_rate"):
+            try:
+                parse_rate(getattr(self, key), key)
+            except RateError as exc:
+                raise ConfigError(str(exc)) from None
+        for key in ("peer_burst", "egress_burst"):
+            try:
+                parse_burst(getattr(self, key), key)
+            except RateError as exc:
+                raise ConfigError(str(exc)) from None
         need(1 <= self.compress_workers <= 64, "compress_workers", "must be 1..64")
         need(self.staging_bytes >= self.window_bytes, "staging_bytes", "must be >= window_bytes")
         for key in ("subscribe_timeout_s", "retention_s", "connect_timeout_s", "drain_timeout_s"):

@@ -9,6 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
+from ..aio.framed import split_hostport
+from ..ratelimit import RateError, format_rate, parse_burst, parse_rate
 
 if TYPE_CHECKING:
     from .server import Daemon
@@ -52,6 +54,30 @@ async def links(request: web.Request) -> web.Response:
     return web.json_response({"links": request.app[DAEMON_KEY].links_json()})
 
 
+async def put_link(request: web.Request) -> web.Response:
+    """Change one peer link's rate limit at run time: {"rate": "1gbit", "burst": "16MiB"}.
+
+    Running transfers keep going at the new rate. A bad value changes nothing (400)."""
+    daemon = request.app[DAEMON_KEY]
+    peer = request.match_info["peer"]
+    try:
+        split_hostport(peer)
+        body = await request.json()
+        if not isinstance(body, dict) or not {"rate", "burst"} >= set(body) or not body:
+            raise ValueError('body must be a JSON object with "rate" and/or "burst"')
+        rate, burst = daemon.limits_for(peer)
+        if "rate" in body:
+            rate = parse_rate(str(body["rate"]), "rate")
+        if "burst" in body:
+            burst = parse_burst(str(body["burst"]), "burst")
+        daemon.set_link_limits(peer, rate, burst)
+    except (ValueError, RateError) as exc:  # json errors are ValueErrors too
+        return web.json_response({"error": str(exc)}, status=400)
+    link = daemon.links.get(peer)
+    figures = link.figures_json() if link is not None else {"peer": peer, "connected": False}
+    return web.json_response({**figures, "rate_limit": format_rate(rate), "burst_bytes": burst})
+
+
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application()
     app[DAEMON_KEY] = daemon
@@ -60,4 +86,5 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/transfers", transfers)
     app.router.add_get("/v1/transfers/{transfer_id}", transfer)
     app.router.add_get("/v1/links", links)
+    app.router.add_put("/v1/links/{peer}", put_link)
     return app

@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +36,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--compression", dest="compression", help="raw | zstd | split | auto (default)"
     )
     parser.add_argument("--compress-level", dest="compress_level", type=int)
+    parser.add_argument("--peer-rate", dest="peer_rate", help="per peer link, e.g. 10gbit")
+    parser.add_argument("--peer-burst", dest="peer_burst", help="e.g. 16MiB")
+    parser.add_argument("--egress-rate", dest="egress_rate", help="all links together")
+    parser.add_argument("--egress-burst", dest="egress_burst")
     parser.add_argument("--compress-workers", dest="compress_workers", type=int)
     parser.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float)
     parser.add_argument("--log-level", dest="log_level")
@@ -49,7 +54,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-async def serve(config: Config, ready_file: str | None = None) -> int:
+async def serve(
+    config: Config, ready_file: str | None = None, reload: Callable[[], Config] | None = None
+) -> int:
     daemon = Daemon(config)
     await daemon.start()
     runner = web.AppRunner(make_app(daemon), access_log=None)
@@ -74,6 +81,17 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if reload is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            daemon.reload(reload())
+        except (ConfigError, ValueError) as exc:
+            log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("signal received: draining (up to %.0f s)", config.drain_timeout_s)
     clean = await daemon.drain()
@@ -85,7 +103,9 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
     return 0
 
 
-def run(config: Config, ready_file: str | None = None) -> int:
+def run(
+    config: Config, ready_file: str | None = None, reload: Callable[[], Config] | None = None
+) -> int:
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -94,8 +114,8 @@ def run(config: Config, ready_file: str | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency
-        return asyncio.run(serve(config, ready_file))
-    return uvloop.run(serve(config, ready_file))
+        return asyncio.run(serve(config, ready_file, reload))
+    return uvloop.run(serve(config, ready_file, reload))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvshipd: bad configuration: {exc}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
-        return run(config, args.ready_file)
+        return run(config, args.ready_file, lambda: config_from_args(args))
     return 0
 
 

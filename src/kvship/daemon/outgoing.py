@@ -29,7 +29,10 @@ from ..protocol import (
     chunk_checksum,
     digest_of_checksums,
 )
+from ..ratelimit import BULK, LATENCY, SchedulerClosed
 from .records import TransferRecord
+
+PRIORITY_LATENCY = 1  # OPEN.priority: 0 = bulk, 1 = latency (served first on a link)
 
 if TYPE_CHECKING:
     from .peers import PeerLink
@@ -64,6 +67,7 @@ class OutgoingTransfer:
         self.checksums = [0] * opened.n_chunks
         self.seen = bytearray(opened.n_chunks)
         self.queued_bytes = 0  # staged in the engine's arena, waiting for a stripe
+        self.priority = LATENCY if opened.priority == PRIORITY_LATENCY else BULK
         self.chunks_in = 0
         self.per_stripe = [0] * self.n_stripes
         self.link: PeerLink | None = None
@@ -177,8 +181,9 @@ class OutgoingTransfer:
                     release = _nothing
                     meta, wire = dataclasses.replace(meta, codec=used), memoryview(coded)
             try:
+                await link.scheduler.acquire(self.id, len(wire) + CHUNK_OVERHEAD, self.priority)
                 await conn.send_chunk(meta, wire)
-            except ConnectionError as exc:
+            except (ConnectionError, SchedulerClosed) as exc:
                 release()
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
                 return

@@ -26,6 +26,7 @@ from ..protocol import (
     Ping,
     Pong,
 )
+from ..ratelimit import Scheduler, TokenBucket, format_rate
 
 if TYPE_CHECKING:
     from .outgoing import OutgoingTransfer
@@ -117,6 +118,8 @@ class PeerLink:
         self.dead = False
         self.goaway: GoAway | None = None  # why the peer closed, when it said so
         self.figures = LinkFigures()
+        self.bucket = TokenBucket(*daemon.limits_for(address))
+        self.scheduler = Scheduler(self.bucket, daemon.egress, name=address)
         self.rtt_s: float | None = None  # PING/PONG round trip, smoothed
         self._pinger: asyncio.Task[None] | None = None
 
@@ -170,8 +173,12 @@ class PeerLink:
                 kernel_rtt.append(info[0])
                 retrans += info[1]
         fig = self.figures
+        rate = self.bucket.rate
         return {
             "peer": self.address,
+            "rate_limit_Bps": None if self.bucket.unlimited else rate,
+            "rate_limit": format_rate(float("inf") if self.bucket.unlimited else rate),
+            "burst_bytes": self.bucket.burst,
             "connections": sum(1 for c in self.conns if c.is_open),
             "transfers": len(self.transfers),
             "wire_Bps": round(fig.wire_Bps),
@@ -194,9 +201,10 @@ class PeerLink:
     def codec_for(self, dtype: str) -> int:
         """The codec for the next chunk of a layer of ``dtype``, by the compression policy.
 
-        ``auto`` compresses only while chunks wait for this link and the link is slower
-        than what half the codec workers can compress: on a fast or idle link compression
-        would only add CPU time, on a slow one it turns spare CPU into more KV per bit.
+        ``auto`` compresses while the rate limit binds (chunks wait for tokens), or while
+        chunks wait for a link slower than a quarter of what the codec workers can
+        compress: on a fast or idle link compression would only add CPU time, on a slow
+        one it turns spare CPU into more KV per bit.
         """
         policy = self.daemon.config.compression
         if (
@@ -210,8 +218,11 @@ class PeerLink:
         if policy == "split":
             return choose_codec(dtype)
         pool, fig = self.daemon.codecs, self.figures
-        slow = fig.measured and fig.wire_Bps < 0.5 * pool.workers * pool.encode_Bps
-        if slow and self.queued_chunks >= len(self.conns):
+        slow = fig.measured and fig.wire_Bps < 0.25 * pool.workers * pool.encode_Bps
+        capped = not self.bucket.unlimited or not self.daemon.egress.unlimited
+        if capped and self.scheduler.waiting():
+            return choose_codec(dtype)  # chunks wait for tokens: the cap binds
+        if slow and self.queued_chunks:
             return choose_codec(dtype)
         return CODEC_RAW
 
@@ -239,6 +250,9 @@ class PeerLink:
         self.daemon.metrics.connections.labels("peer_out").dec()
         if not self.dead:
             self.dead = True
+            self.scheduler.close()
+            if self._pinger is not None:
+                self._pinger.cancel()
             self.daemon.forget_link(self)
             for other in self.conns:
                 if other is not conn:
@@ -253,6 +267,7 @@ class PeerLink:
 
     def close(self) -> None:
         self.dead = True
+        self.scheduler.close()
         if self._pinger is not None:
             self._pinger.cancel()
         for conn in self.conns:

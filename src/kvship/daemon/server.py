@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict, deque
+from dataclasses import replace
 from typing import Any
 
 from ..aio import FramedProtocol
@@ -34,6 +35,7 @@ from ..protocol import (
     Pong,
     ProtocolError,
 )
+from ..ratelimit import TokenBucket, parse_burst, parse_rate
 from .codecpool import CodecPool
 from .config import MAX_CHUNK, Config
 from .engine_api import EngineSession, Subscription
@@ -52,6 +54,9 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.egress = TokenBucket(parse_rate(config.egress_rate), parse_burst(config.egress_burst))
+        # Per-peer limits set at run time (PUT /v1/links/{peer}); others use the config's.
+        self.link_limits: dict[str, tuple[float, int]] = {}
         self.metrics.watch_links(self.links_json)
         self.codecs = CodecPool(config.compress_workers, config.compress_level)
         self.limits = Limits(
@@ -259,6 +264,43 @@ class Daemon:
                 await link.connect()
                 self.links[address] = link
             return link
+
+    def limits_for(self, peer: str) -> tuple[float, int]:
+        """(rate in bytes/s, inf for unlimited; burst) of the link to ``peer``."""
+        if peer in self.link_limits:
+            return self.link_limits[peer]
+        cfg = self.config
+        return parse_rate(cfg.peer_rate), parse_burst(cfg.peer_burst)
+
+    def set_link_limits(self, peer: str, rate: float, burst: int) -> None:
+        """Change a link's limits now (running transfers keep going at the new rate)."""
+        link = self.links.get(peer)
+        if link is not None:
+            link.bucket.set_limits(rate, burst)  # raises RateError before changing anything
+        self.link_limits[peer] = (rate, burst)
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: apply the new file's rate limits (validated before anything changes)."""
+        egress = (parse_rate(config.egress_rate), parse_burst(config.egress_burst))
+        peer = (parse_rate(config.peer_rate), parse_burst(config.peer_burst))
+        self.config = replace(
+            self.config,
+            egress_rate=config.egress_rate,
+            egress_burst=config.egress_burst,
+            peer_rate=config.peer_rate,
+            peer_burst=config.peer_burst,
+            compression=config.compression,
+        )
+        self.egress.set_limits(*egress)
+        for address, link in self.links.items():
+            if address not in self.link_limits:
+                link.bucket.set_limits(*peer)
+        log.info(
+            "reloaded: peer %s, egress %s, compression %s",
+            config.peer_rate,
+            config.egress_rate,
+            config.compression,
+        )
 
     def forget_link(self, link: PeerLink) -> None:
         if self.links.get(link.address) is link:
