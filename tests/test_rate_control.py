@@ -1,0 +1,100 @@
+"""Run-time rate limits: PUT /v1/links/{peer}, SIGHUP reload; bad values change nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import good_transfer, running_pair, wait_until
+from kvship import Client
+from kvship.bench.spawn import DaemonProcess
+
+
+def put(daemon: DaemonProcess, path: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(daemon.url(path), data=body, method="PUT")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def link(daemon: DaemonProcess) -> dict:
+    return daemon.get_json("/v1/links")["links"][0]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, ...]]:
+    config = tmp_path_factory.mktemp("rate") / "a.toml"
+    config.write_text('peer_rate = "1gbit"\n')
+    with running_pair(config.parent, ["--config", str(config)]) as p:
+        yield p
+
+
+async def test_put_link_changes_the_rate_of_a_live_link(pair: tuple[DaemonProcess, ...]) -> None:
+    a, b = pair
+    await good_transfer(a, b)
+    assert link(a)["rate_limit_Bps"] == 125e6
+    status, body = put(a, f"/v1/links/{b.peer}", b'{"rate": "200mbit", "burst": "8MiB"}')
+    assert status == 200, body
+    assert link(a)["rate_limit_Bps"] == 25e6 and link(a)["burst_bytes"] == 8 * 2**20
+    await good_transfer(a, b)  # transfers keep working at the new rate
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b'{"rate": "-1gbit"}', "rate"),
+        (b'{"rate": "0"}', "rate"),
+        (b'{"rate": "fast"}', "rate"),
+        (b'{"rate": "99999tbit"}', "rate"),
+        (b'{"burst": "0"}', "burst"),
+        (b'{"speed": "1gbit"}', "rate"),
+        (b"not json", ""),
+        (b"[]", ""),
+    ],
+)
+async def test_put_link_refuses_bad_values_and_changes_nothing(
+    pair: tuple[DaemonProcess, ...], body: bytes, needle: str
+) -> None:
+    a, b = pair
+    await good_transfer(a, b)
+    before = (link(a)["rate_limit_Bps"], link(a)["burst_bytes"])
+    status, answer = put(a, f"/v1/links/{b.peer}", body)
+    assert status == 400 and needle in answer["error"], answer
+    assert (link(a)["rate_limit_Bps"], link(a)["burst_bytes"]) == before
+
+
+def test_put_link_needs_host_port(pair: tuple[DaemonProcess, ...]) -> None:
+    status, answer = put(pair[0], "/v1/links/nonsense", b'{"rate": "1gbit"}')
+    assert status == 400 and "host:port" in answer["error"]
+
+
+async def test_sighup_reloads_rates_and_a_bad_file_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "k.toml"
+    config.write_text('peer_rate = "1gbit"\n')
+    with running_pair(tmp_path, ["--config", str(config)]) as (a, b):
+        await good_transfer(a, b)
+        assert link(a)["rate_limit_Bps"] == 125e6
+        config.write_text('peer_rate = "2gbit"\n')
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: link(a)["rate_limit_Bps"] == 250e6, what="reloaded rate")
+        config.write_text('peer_rate = "-5gbit"\n')
+        a.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "not reloaded" in a.log_tail(), what="reload refused")
+        assert link(a)["rate_limit_Bps"] == 250e6
+        await good_transfer(a, b)
+
+
+async def test_client_priority_must_be_known() -> None:
+    with pytest.raises(ValueError, match="priority"):
+        await Client("/nonexistent.sock").send("r", (), peer="x:1", priority="urgent")
