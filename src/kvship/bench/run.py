@@ -14,13 +14,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from ..ratelimit import parse_rate
+from ..daemon.config import Config
+from ..ratelimit import parse_burst, parse_rate
 from .spawn import DaemonProcess
+
+DEFAULT_BURST = Config().peer_burst
 
 GIB = 1 << 30
 
@@ -104,7 +108,12 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             send_args += ["--data", opts.data]
         if opts.layer_interval_ms:
             send_args += ["--layer-interval-ms", str(opts.layer_interval_ms)]
-        sent = _run_json(send_args, timeout=900)
+        sampler = WireSampler(a) if parse_rate(opts.rate) != float("inf") else None
+        try:
+            sent = _run_json(send_args, timeout=900)
+        finally:
+            if sampler is not None:
+                sampler.stop()
         out, _ = recv.communicate(timeout=120)
         if recv.returncode != 0:
             raise RuntimeError("receiving engine failed")
@@ -128,7 +137,43 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ),
         "rss": rss,
         "staged_chunks": int(staged),
+        "max_1s_window_bytes": None if sampler is None else sampler.max_window(1.0),
     }
+
+
+class WireSampler:
+    """Polls the sending daemon's wire-byte counter every 50 ms (a thread, so the bench
+    can block on the engines): the busiest 1 s window shows whether the cap ever leaked."""
+
+    def __init__(self, daemon: DaemonProcess, every_s: float = 0.05) -> None:
+        self.daemon, self.every_s = daemon, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = self.daemon.metric("kvship_wire_bytes_sent")
+            except OSError:
+                value = None
+            if value is not None:
+                self.samples.append((time.monotonic(), value))
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def max_window(self, seconds: float) -> int:
+        best, j = 0.0, 0
+        for i, (t_i, v_i) in enumerate(self.samples):
+            j = max(j, i)
+            while j + 1 < len(self.samples) and self.samples[j + 1][0] - t_i <= seconds:
+                j += 1
+            best = max(best, self.samples[j][1] - v_i)
+        return int(best)
 
 
 def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
@@ -191,6 +236,8 @@ def _cap_figures(rate: str, goodput_Bps: float, runs: list[dict[str, Any]]) -> d
         "link_cap_GBps": round(cap / 1e9, 4),
         "effective_vs_cap": round(goodput_Bps / cap, 3),
         "rate_error_pct": round((wire_Bps - cap) / cap * 100, 2),
+        "max_1s_window_bytes": max(r["max_1s_window_bytes"] for r in runs),
+        "rate_plus_burst_bytes": int(cap + parse_burst(DEFAULT_BURST)),
     }
 
 
