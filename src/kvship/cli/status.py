@@ -98,7 +98,22 @@ def transfer_table(transfers: list[dict[str, Any]]) -> str:
 
 
 def link_table(links: list[dict[str, Any]]) -> str:
+    """One row per peer link: its cap, what it achieves, compression, queue and RTT."""
     if not links:
         return "peer links: none"
-    rows = [[lk["peer"], str(lk["connections"]), str(lk["transfers"])] for lk in links]
-    return f"peer links ({len(rows)}):\n" + table(["peer", "connections", "transfers"], rows)
+    header = ["peer", "conns", "xfers", "cap", "wire/s", "payload/s", "ratio", "queued", "rtt"]
+    rows = [
+        [
+            lk["peer"],
+            str(lk["connections"]),
+            str(lk["transfers"]),
+            str(lk.get("rate_limit", "?")),
+            human_bytes(lk.get("wire_Bps", 0)),
+            human_bytes(lk.get("payload_Bps", 0)),
+            f"{lk.get('compression_ratio', 1.0):.2f}",
+            human_bytes(lk.get("queued_bytes", 0)),
+            "-" if lk.get("rtt_s") is None else f"{lk['rtt_s'] * 1000:.2f} ms",
+        ]
+        for lk in links
+    ]
+    return f"peer links ({len(rows)}):\n" + table(header, rows)
