@@ -264,14 +264,12 @@ class Subscription:
                 transfer.delivered()
                 return
             log.debug(
-                "sub %s waits: state=%s ready=%s regions=%s held=%s alloc=%s delivered=%d",
+                "delivery of %s waits: %s, %d/%d layers delivered, %d ready",
                 self.request.request_id,
                 transfer.state,
-                list(transfer.ready),
-                transfer.regions,
-                {k: len(v) for k, v in transfer.held.items()},
-                self.allocator and list(self.allocator._live),
                 delivered,
+                len(transfer.layers),
+                len(transfer.ready),
             )
             await transfer.changed.wait()
             transfer.changed.clear()
