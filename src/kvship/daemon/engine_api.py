@@ -192,8 +192,9 @@ class Subscription:
         return self.allocator is not None and 0 < nbytes <= self.allocator.capacity // 2
 
     def reserve(self, nbytes: int) -> int | None:
-        if self.allocator is None or not self.fits(nbytes):
+        if not self.fits(nbytes):
             return None
+        assert self.allocator is not None
         return self.allocator.allocate(nbytes)
 
     def view(self, offset: int, length: int) -> memoryview:
@@ -220,10 +221,11 @@ class Subscription:
         self.transfer = transfer
         try:
             await self._deliver(transfer)
-        except (asyncio.CancelledError, ConnectionError):
+        except (asyncio.CancelledError, ConnectionError) as exc:
             # Part of it may sit in this engine's arena: it cannot be handed to anyone else.
             transfer.fail(ErrorCode.CANCELLED, "the receiving engine went away")
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _deliver(self, transfer: IncomingTransfer) -> None:
         conn, opened = self.conn, transfer.opened
