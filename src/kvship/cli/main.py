@@ -60,6 +60,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def build_parser() -> argparse.ArgumentParser:
     from ..bench.run import add_bench_parser
     from ..plan.command import add_plan_parser, add_simulate_parser
+    from ..router.command import add_route_parser
     from .demo import add_demo_parser
     from .status import add_status_parser
     from .transfer import add_recv_parser, add_send_parser
@@ -80,8 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_guarded(bench.get_default("func")))
     add_plan_parser(sub)
     add_simulate_parser(sub)
+    _add_scenarios(sub.choices["simulate"])
+    add_route_parser(sub)
     add_demo_parser(sub)
     return parser
+
+
+def _add_scenarios(simulate: argparse.ArgumentParser) -> None:
+    """``kvship simulate --scenario link-drop``: the router's scenarios ride on ``simulate``
+    here in the CLI, so the pure planner never imports the router."""
+    from ..router.command import run_scenario
+    from ..router.scenario import SCENARIOS
+
+    simulate.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=None,
+        help="link-drop: fixed t vs the adaptive router when the link drops mid-run",
+    )
+    simulate.add_argument(
+        "--after-gbps", type=float, default=8.0, help="link-drop: capacity after the drop"
+    )
+    plain = simulate.get_default("func")
+
+    def run(args: argparse.Namespace) -> int:
+        return run_scenario(args) if args.scenario else plain(args)
+
+    simulate.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .server import Daemon
 
 DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+ROUTER_KEY: web.AppKey[Any] = web.AppKey("router")  # a kvship.router.Router, made lazily
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -78,6 +79,29 @@ async def put_link(request: web.Request) -> web.Response:
     return web.json_response({**figures, "rate_limit": format_rate(rate), "burst_bytes": burst})
 
 
+async def route(request: web.Request) -> web.Response:
+    """One PrfaaS routing decision, judged on this daemon's live figures of the link to
+    ``peer`` (read, not fetched). Body: prompt_tokens or token_ids, local_cached_tokens,
+    remote_cached_tokens, peer, remote {queue_depth}. No link yet -> local, and says why."""
+    from ..router.policy import RouteError  # the planner loads on first use, not at start
+    from ..router.scenario import planned_router
+
+    daemon = request.app[DAEMON_KEY]
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise RouteError("body: must be a JSON object")
+        link = daemon.links.get(str(body.get("peer", "")))
+        figures = link.figures_json() if link is not None else None
+        router = request.app.get(ROUTER_KEY)
+        if router is None:
+            router = request.app[ROUTER_KEY] = planned_router()
+        decision = router.decide_dict({**body, "link": figures})
+    except (ValueError, RouteError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response(decision)
+
+
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application()
     app[DAEMON_KEY] = daemon
@@ -87,4 +111,5 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/transfers/{transfer_id}", transfer)
     app.router.add_get("/v1/links", links)
     app.router.add_put("/v1/links/{peer}", put_link)
+    app.router.add_post("/v1/route", route)
     return app

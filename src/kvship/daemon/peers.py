@@ -176,6 +176,7 @@ class PeerLink:
         rate = self.bucket.rate
         return {
             "peer": self.address,
+            "at": round(time.time(), 3),  # unix seconds: readers judge staleness by it
             "rate_limit_Bps": None if self.bucket.unlimited else rate,
             "rate_limit": format_rate(float("inf") if self.bucket.unlimited else rate),
             "burst_bytes": self.bucket.burst,
