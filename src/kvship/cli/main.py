@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..plan.command import add_plan_parser, add_simulate_parser
     from ..router.command import add_route_parser
     from .demo import add_demo_parser
+    from .layout import add_layout_parser
     from .status import add_status_parser
     from .transfer import add_recv_parser, add_send_parser
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenarios(sub.choices["simulate"])
     add_route_parser(sub)
     add_demo_parser(sub)
+    add_layout_parser(sub)
     return parser
 
 

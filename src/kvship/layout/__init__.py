@@ -74,3 +74,30 @@ __all__ = [
     "spec_of",
     "uniform_layout",
 ]
+
+# Model geometry and the prefix hash chain (the dedup work), beside the transfer layouts.
+from .model import (  # noqa: E402
+    DTYPE_SIZES,
+    FullAttention,
+    LayerKind,
+    LayoutError,
+    LinearState,
+    ModelLayout,
+)
+from .prefix import PREFIX_SEED, block_keys, full_prefix_key, namespace  # noqa: E402
+from .presets import preset, preset_names  # noqa: E402
+
+__all__ += [
+    "DTYPE_SIZES",
+    "PREFIX_SEED",
+    "FullAttention",
+    "LayerKind",
+    "LayoutError",
+    "LinearState",
+    "ModelLayout",
+    "block_keys",
+    "full_prefix_key",
+    "namespace",
+    "preset",
+    "preset_names",
+]

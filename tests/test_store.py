@@ -1,0 +1,297 @@
+"""Block store: byte bound, pins, LRU, exact-match states, and refusals that change nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvship.layout import FullAttention, LinearState, ModelLayout, block_keys, full_prefix_key
+from kvship.layout.prefix import namespace
+from kvship.store import (
+    BlockStore,
+    KeyMismatch,
+    LayoutMismatch,
+    Manifest,
+    MissingBlock,
+    SizeMismatch,
+    StateShapeError,
+    StoreError,
+    StoreFull,
+)
+
+KEYS = [bytes([i]) * 16 for i in range(6)]
+
+# A tiny hybrid: linear, full, linear, full. Blocks of 4 tokens; 16 bytes/token/full layer.
+FULL = FullAttention(4, kv_heads=2, head_dim=2)
+LIN = LinearState(((2, 3), (4,)))
+TINY = ModelLayout("tiny", "org/tiny", (LIN, FULL, LIN, FULL))
+BLOCK = FULL.block_bytes  # 64
+STATE = LIN.state_bytes  # 20
+
+
+def snapshot(store: BlockStore) -> tuple:
+    return (dict(store._data), list(store._lru), dict(store._pins), store.used_bytes)
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Random put/put_state/pin/unpin/get/match sequences on a store without a layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = BlockStore(200)
+        self.pins: dict[bytes, int] = {}
+        self.must_keep: set[tuple] = set()
+
+    def _refresh_pinned(self) -> None:
+        for entry in self.store._data:
+            if self.pins.get(entry[1], 0):
+                self.must_keep.add(entry)
+
+    @rule(key=st.sampled_from(KEYS), layer=st.integers(0, 2), size=st.integers(1, 120))
+    def put(self, key: bytes, layer: int, size: int) -> None:
+        before = snapshot(self.store)
+        held = self.store.has(key, layer)
+        try:
+            stored = self.store.put(key, layer, bytes([layer]) * size)
+        except StoreFull:
+            assert snapshot(self.store) == before
+            pinned = sum(len(d) for e, d in before[0].items() if self.pins.get(e[1], 0))
+            assert pinned + size > self.store.capacity
+            return
+        assert stored is not held
+        assert self.store.has(key, layer)
+        self._refresh_pinned()
+
+    @rule(key=st.sampled_from(KEYS), layer=st.integers(0, 2), size=st.integers(1, 80))
+    def put_state(self, key: bytes, layer: int, size: int) -> None:
+        before = snapshot(self.store)
+        try:
+            self.store.put_state(key, layer, b"s" * size)
+        except StoreFull:
+            assert snapshot(self.store) == before
+            return
+        assert self.store.get_state(key, layer) is not None
+        assert self.store.get(key, layer) is None or self.store.has(key, layer)
+        self._refresh_pinned()
+
+    @rule(key=st.sampled_from(KEYS))
+    def pin(self, key: bytes) -> None:
+        self.store.pin([key])
+        self.pins[key] = self.pins.get(key, 0) + 1
+        self._refresh_pinned()
+
+    @precondition(lambda self: any(self.pins.values()))
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(k for k, c in self.pins.items() if c)))
+        self.store.unpin([key])
+        self.pins[key] -= 1
+        if not self.pins[key]:
+            self.must_keep = {e for e in self.must_keep if e[1] != key}
+
+    @rule(key=st.sampled_from(KEYS))
+    def unpin_unpinned_is_refused(self, key: bytes) -> None:
+        if self.pins.get(key, 0):
+            return
+        before = snapshot(self.store)
+        with pytest.raises(StoreError):
+            self.store.unpin([key])
+        assert snapshot(self.store) == before
+
+    @rule(key=st.sampled_from(KEYS), layer=st.integers(0, 2))
+    def get(self, key: bytes, layer: int) -> None:
+        data = self.store.get(key, layer)
+        assert (data is not None) == self.store.has(key, layer)
+        if data is not None:
+            assert data == bytes([layer]) * len(data)
+
+    @rule(
+        keys=st.lists(st.sampled_from(KEYS), max_size=6),
+        layers=st.sets(st.integers(0, 2), min_size=1),
+    )
+    def match(self, keys: list[bytes], layers: set[int]) -> None:
+        want = 0
+        for key in keys:
+            if not all(self.store.has(key, layer) for layer in layers):
+                break
+            want += 1
+        assert self.store.match_prefix(keys, layers) == want
+
+    @invariant()
+    def bounded_and_consistent(self) -> None:
+        s = self.store
+        assert s.used_bytes <= s.capacity
+        assert s.used_bytes == sum(len(d) for d in s._data.values())
+        assert s._lru_bytes == sum(len(s._data[e]) for e in s._lru)
+        assert set(s._lru) == {e for e in s._data if e[1] not in s._pins}
+        assert self.must_keep <= set(s._data), "a pinned entry was evicted"
+        st_ = s.stats()
+        assert st_["bytes"] == s.used_bytes and st_["pinned"] == sum(
+            1 for c in self.pins.values() if c
+        )
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def test_lru_order_and_pinned_refusal() -> None:
+    store = BlockStore(3 * 10)
+    a, b, c, d = KEYS[:4]
+    for k in (a, b, c):
+        store.put(k, 0, b"x" * 10)
+    store.get(a, 0)  # a is now the most recent; b goes first
+    store.put(d, 0, b"y" * 10)
+    assert not store.has(b, 0) and store.has(a, 0)
+    assert store.stats()["evictions"] == 1
+    store.pin([a, c, d])
+    with pytest.raises(StoreFull):
+        store.put(b, 0, b"z")
+    assert store.stats()["refused"] == 1
+    store.unpin([c])
+    store.put(b, 0, b"z" * 10)
+    assert not store.has(c, 0) and store.has(a, 0) and store.has(d, 0)
+    with pytest.raises(StoreFull):  # larger than the whole store
+        BlockStore(5).put(a, 0, b"123456")
+
+
+def test_pin_before_put_protects_arrival() -> None:
+    store = BlockStore(20)
+    store.pin([KEYS[0]])
+    store.put(KEYS[0], 0, b"a" * 10)
+    store.put(KEYS[1], 0, b"b" * 10)
+    store.put(KEYS[2], 0, b"c" * 10)  # evicts KEYS[1], never KEYS[0]
+    assert store.has(KEYS[0], 0) and not store.has(KEYS[1], 0)
+
+
+def test_put_copies_data() -> None:
+    store = BlockStore(100)
+    buf = bytearray(b"abcd")
+    store.put(KEYS[0], 0, memoryview(buf))
+    buf[0] = 0
+    assert store.get(KEYS[0], 0) == b"abcd"
+
+
+# ---------------------------------------------------------------------- with a layout
+
+
+def _tokens(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 50_000, n)
+
+
+def _manifest(tokens: np.ndarray, **kw: object) -> Manifest:
+    keys = block_keys(tokens, TINY)
+    blocks = {layer: [bytes([i]) * BLOCK for i in range(len(keys))] for layer in (1, 3)}
+    states = {0: b"\x01" * STATE, 2: [np.ones((2, 3), np.float16), np.ones(4, np.float16)]}
+    args = {"namespace": namespace(TINY), "token_ids": tokens, "keys": keys}
+    args.update(blocks=blocks, states=states)
+    args.update(kw)
+    return Manifest(**args)  # type: ignore[arg-type]
+
+
+def test_admit_then_match_and_exact_states() -> None:
+    store = BlockStore(10_000, TINY)
+    t = _tokens(4 * 5 + 3)
+    m = _manifest(t)
+    done = store.admit(m)
+    assert done.stored == 5 * 2 + 2
+    keys = block_keys(t, TINY)
+    assert store.match_prefix(keys) == 5
+    assert store.match_prefix(block_keys(_tokens(4 * 5, seed=9), TINY)) == 0
+    longer = np.concatenate([t[:20], _tokens(8, seed=4)])
+    assert store.match_prefix(block_keys(longer, TINY)) == 5  # a shared prefix is reused
+    assert store.get_state(done.state_key, 0) == b"\x01" * STATE
+    assert done.state_key == full_prefix_key(t, TINY)
+    # States are matched only for exactly the same prompt, never for a prefix or extension.
+    for other in (t[:-1], np.concatenate([t, [1]]), t[:20]):
+        assert store.get_state(full_prefix_key(other, TINY), 0) is None
+    # A second request with the same prefix may skip the held blocks (dedup).
+    again = _manifest(t)
+    again.blocks = {1: [None] * 5, 3: [None] * 5}
+    assert store.admit(again).stored == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda m: setattr(m, "namespace", namespace(TINY, 1)), LayoutMismatch),
+        (lambda m: m.token_ids.__setitem__(5, m.token_ids[5] + 1), KeyMismatch),
+        (lambda m: setattr(m, "keys", m.keys[:-1]), KeyMismatch),
+        (lambda m: setattr(m, "state_key", b"\0" * 16), KeyMismatch),
+        (lambda m: m.states.__setitem__(0, b"\0" * (STATE - 2)), StateShapeError),
+        (lambda m: m.states.__setitem__(2, [np.ones((3, 2), np.float16)] * 2), StateShapeError),
+        (lambda m: m.states.__setitem__(2, [np.ones((2, 3)), np.ones(4)]), StateShapeError),
+        (lambda m: m.states.__setitem__(1, b"\0" * STATE), LayoutMismatch),
+        (lambda m: m.blocks.__setitem__(0, [b"\0" * BLOCK] * 5), LayoutMismatch),
+        (lambda m: m.blocks[1].__setitem__(4, b"\0" * (BLOCK + 1)), SizeMismatch),
+        (lambda m: m.blocks[3].__setitem__(2, None), MissingBlock),
+        (lambda m: m.blocks.__setitem__(3, m.blocks[3][:4]), SizeMismatch),
+    ],
+)
+def test_bad_manifests_change_nothing(change, error) -> None:
+    store = BlockStore(10_000, TINY)
+    store.admit(_manifest(_tokens(4 * 3, seed=7)))
+    store.pin([block_keys(_tokens(4 * 3, seed=7), TINY)[0]])
+    before = snapshot(store)
+    m = _manifest(_tokens(4 * 5 + 3))
+    change(m)
+    with pytest.raises(error):
+        store.admit(m)
+    assert snapshot(store) == before
+
+
+def test_admit_refused_when_full_changes_nothing() -> None:
+    t = _tokens(4 * 5)
+    store = BlockStore(BLOCK * 4, TINY)  # room for 4 blocks; the request needs 10 + states
+    store.put(block_keys(_tokens(4, seed=3), TINY)[0], 1, b"\0" * BLOCK)
+    before = snapshot(store)
+    with pytest.raises(StoreFull):
+        store.admit(_manifest(t))
+    assert snapshot(store) == before
+
+
+def test_single_puts_check_the_layout() -> None:
+    store = BlockStore(10_000, TINY)
+    with pytest.raises(LayoutMismatch):
+        store.put(KEYS[0], 0, b"\0" * BLOCK)  # layer 0 is linear
+    with pytest.raises(SizeMismatch):
+        store.put(KEYS[0], 1, b"\0" * (BLOCK - 1))
+    with pytest.raises(SizeMismatch):
+        store.put(b"short", 1, b"\0" * BLOCK)
+    with pytest.raises(StateShapeError):
+        store.put_state(KEYS[0], 0, b"\0" * (STATE + 1))
+    with pytest.raises(LayoutMismatch):
+        store.put_state(KEYS[0], 1, b"\0" * STATE)
+    assert store.used_bytes == 0
+    assert store.put(KEYS[0], 1, b"\0" * BLOCK) and not store.put(KEYS[0], 1, b"\1" * BLOCK)
+    assert store.get(KEYS[0], 1) == b"\0" * BLOCK
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    puts=st.lists(st.tuples(st.integers(0, 5), st.sampled_from([1, 3])), max_size=30),
+    capacity_blocks=st.integers(1, 12),
+    query=st.lists(st.integers(0, 5), max_size=6),
+)
+def test_match_prefix_with_layout(puts, capacity_blocks: int, query: list[int]) -> None:
+    store = BlockStore(capacity_blocks * BLOCK, TINY)
+    for k, layer in puts:
+        store.put(KEYS[k], layer, b"\0" * BLOCK)
+        assert store.used_bytes <= store.capacity
+    keys = [KEYS[i] for i in query]
+    for layers in ([1, 3], [1], [3]):
+        want = 0
+        for key in keys:
+            if not all(store.has(key, layer) for layer in layers):
+                break
+            want += 1
+        assert store.match_prefix(keys, layers) == want
+    assert store.match_prefix(keys) == store.match_prefix(keys, [1, 3])
