@@ -22,7 +22,9 @@ class Client:
     transfer, so KV crosses the engine<->daemon hop with one memcpy: ``arena_bytes`` for a
     send; for a receive, ``receive_arena_bytes`` made before subscribing (an engine that
     knows its model's layer size avoids any wait), or by default three of the largest
-    layer, up to ``receive_arena_max``, made once the layout is known.
+    layer, up to ``receive_arena_max``, made once the layout is known. Connections (and
+    their arenas) are pooled, up to ``max_idle`` per direction, so a busy engine pays their
+    set-up once.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class Client:
         chunk_bytes: int = 4 * MIB,
         use_shm: bool | None = None,
         connect_timeout: float = 10.0,
+        max_idle: int = 4,
     ) -> None:
         if not 4096 <= chunk_bytes <= 4 * MIB:
             raise ValueError("chunk_bytes must be between 4 KiB and 4 MiB")
@@ -45,14 +48,45 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.use_shm = use_shm
         self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: dict[str, list[EngineConnection]] = {"send": [], "recv": []}
 
-    async def _connect(self, arena_bytes: int) -> EngineConnection:
-        return await EngineConnection.open(
+    async def _connect(self, kind: str, arena_bytes: int) -> EngineConnection:
+        """A warm connection from the pool (its arena already shared and faulted in), or a
+        new one. Sends and receives pool apart: an arena serves one direction."""
+        idle = self._idle[kind]
+        while idle:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn
+            conn.close()
+        conn = await EngineConnection.open(
             self.address,
             arena_bytes=arena_bytes,
             use_shm=self.use_shm,
             timeout=self.connect_timeout,
         )
+        conn.park = lambda c: self._park(kind, c)
+        return conn
+
+    def _park(self, kind: str, conn: EngineConnection) -> None:
+        idle = self._idle[kind]
+        if len(idle) < self.max_idle:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the pooled connections (and unmap their arenas)."""
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
 
     async def send(
         self,
@@ -70,7 +104,7 @@ class Client:
             raise ValueError(f"priority must be one of {sorted(PRIORITIES)}, got {priority!r}")
         if not layout:
             raise ValueError("layout has no layers")
-        conn = await self._connect(max(self.chunk_bytes, self.arena_bytes))
+        conn = await self._connect("send", max(self.chunk_bytes, self.arena_bytes))
         return Sender(
             conn, request_id, layout, peer, token_ids, self.chunk_bytes, PRIORITIES[priority]
         )
@@ -101,7 +135,7 @@ class Client:
         layers) for each next layer; raises :class:`kvship.errors.RequestNotFound` if it
         never comes.
         """
-        conn = await self._connect(self.receive_arena_bytes or 0)
+        conn = await self._connect("recv", self.receive_arena_bytes or 0)
         assert conn.proto is not None
         timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
         conn.proto.send(Subscribe(request_id, timeout_ms))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 from collections.abc import Callable
 
@@ -38,6 +39,10 @@ class EngineConnection:
     """Routes frames to one consumer (a Sender or Receiver) and owns the arena."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._tids = itertools.count(1)
+        # Called with this connection when its transfer ended cleanly (the client's pool).
+        self.park: Callable[[EngineConnection], None] | None = None
         self.proto: FramedProtocol | None = None
         self.arena: Arena | None = None
         self.allocator: RingAllocator | None = None
@@ -134,6 +139,29 @@ class EngineConnection:
                 raise ConnectionError("connection to the daemon closed")
             self.space.clear()
             await self.space.wait()
+
+    def next_tid(self) -> int:
+        """A transfer id not used before on this connection (connections are reused)."""
+        return next(self._tids)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.proto is not None
+            and self.proto.is_open
+            and self.failure is None
+            and self.frames.empty()
+            and self.loop is asyncio.get_running_loop()
+        )
+
+    def done(self, clean: bool) -> None:
+        """The transfer on this connection ended: back to the client's pool if it ended
+        cleanly (the arena and the socket are kept warm), else closed."""
+        self.sink = None
+        if clean and self.park is not None and self.reusable:
+            self.park(self)
+        else:
+            self.close()
 
     def fail(self, error: BaseException) -> None:
         """The transfer is over with ``error``: wake whoever waits for arena space."""

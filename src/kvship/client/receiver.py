@@ -124,8 +124,9 @@ class Receiver:
                 elif isinstance(frame, Abort):
                     raise error_for(frame.code, frame.message)
         finally:
-            if self.complete:
-                self._conn.close()
+            # Complete: the connection (and its arena) serves the next receive. Anything
+            # else (error, abandoned iteration): it goes, with whatever was in flight.
+            self._conn.done(clean=self.complete)
 
     def __aiter__(self) -> AsyncIterator[tuple[int, np.ndarray]]:
         return self.layers()
@@ -138,7 +139,7 @@ class Receiver:
         return out
 
     def close(self) -> None:
-        self._conn.close()
+        self._conn.done(clean=self.complete)
 
 
 def _typed(raw: np.ndarray, spec: Any) -> np.ndarray:

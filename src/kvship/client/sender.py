@@ -28,8 +28,6 @@ from ..protocol import (
 from ..staging import copy_to_host, is_device_array
 from .connection import EngineConnection
 
-TRANSFER_ID = 1  # one transfer per engine connection
-
 
 @dataclass(frozen=True)
 class SendResult:
@@ -53,6 +51,7 @@ class Sender:
         priority: int,
     ) -> None:
         self._conn = conn
+        self._tid = conn.next_tid()
         self.request_id = request_id
         self.layout = tuple(layout)
         assert conn.proto is not None
@@ -64,7 +63,7 @@ class Sender:
         self._finished = False
         self._outcome: asyncio.Task[Complete] | None = None
         opened = Open(
-            TRANSFER_ID,
+            self._tid,
             request_id,
             self.layout,
             self.chunk_bytes,
@@ -142,7 +141,7 @@ class Sender:
                 dst[:] = flat[offset : offset + length].data
             checksum = chunk_checksum(dst)
             self._checksums[index] = checksum
-            meta = ChunkMeta(TRANSFER_ID, index, layer, offset, length, checksum)
+            meta = ChunkMeta(self._tid, index, layer, offset, length, checksum)
             proto.send(ShmChunk(meta, slot))
 
     async def _put_inline(self, layer: int, array: Any) -> None:
@@ -160,7 +159,7 @@ class Sender:
             piece = data[offset : offset + size]
             checksum = chunk_checksum(piece)
             self._checksums[index] = checksum
-            meta = ChunkMeta(TRANSFER_ID, index, layer, offset, len(piece), checksum)
+            meta = ChunkMeta(self._tid, index, layer, offset, len(piece), checksum)
             await proto.send_chunk(meta, piece)
 
     async def finish(self, timeout: float | None = None) -> SendResult:
@@ -173,22 +172,26 @@ class Sender:
         if not self._finished:
             self._finished = True
             self._check_failed()
-            self._conn.proto.send(End(TRANSFER_ID, len(self._checksums), digest))
+            self._conn.proto.send(End(self._tid, len(self._checksums), digest))
         try:
             done = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
-        except TimeoutError as exc:
+        except TimeoutError as exc:  # the transfer goes on: finish() may be awaited again
             raise TransferError(
                 ErrorCode.TIMEOUT, f"no acknowledgement within {timeout} s"
             ) from exc
         except ConnectionError as exc:
+            self._conn.done(clean=False)
             raise TransferError(
                 ErrorCode.PEER_UNREACHABLE, f"daemon connection lost: {exc}"
             ) from exc
-        finally:
+        except BaseException:
             if self._outcome.done():
-                self._conn.close()
+                self._conn.done(clean=False)
+            raise
         if done.digest != digest:
+            self._conn.done(clean=False)
             raise error_for(ErrorCode.DIGEST_MISMATCH, "acknowledged digest differs from sent")
+        self._conn.done(clean=True)
         return SendResult(
             self.request_id, done.total_bytes, digest, time.perf_counter() - self._started
         )
@@ -196,7 +199,7 @@ class Sender:
     async def abort(self) -> None:
         """Cancel the transfer; the far side drops what it received."""
         if self._conn.proto is not None and self._conn.proto.is_open:
-            self._conn.proto.send(Abort(TRANSFER_ID, ErrorCode.CANCELLED, "cancelled by engine"))
+            self._conn.proto.send(Abort(self._tid, ErrorCode.CANCELLED, "cancelled by engine"))
         if self._outcome is not None:
             self._outcome.cancel()
-        self._conn.close()
+        self._conn.done(clean=False)

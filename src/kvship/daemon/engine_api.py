@@ -9,6 +9,7 @@ socket the engine attaches a shared-memory arena and chunks travel by reference.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ class EngineSession:
         self.sends: dict[int, OutgoingTransfer] = {}
         self.subs: dict[int, Subscription] = {}
         self.attached = asyncio.Event()
+        self._tids = itertools.count(1)  # ids of this daemon's deliveries on the connection
 
     @property
     def shm(self) -> bool:
@@ -141,13 +143,16 @@ class EngineSession:
         if not frame.peer:
             conn.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, "OPEN names no peer"))
             return
-        self.sends[frame.transfer_id] = self.daemon.start_outgoing(conn, frame)
+        send = self.sends[frame.transfer_id] = self.daemon.start_outgoing(conn, frame)
+        tid = frame.transfer_id
+        send.done.add_done_callback(lambda _: self.sends.pop(tid, None))
 
     def _on_subscribe(self, conn: FramedProtocol, frame: Subscribe) -> None:
-        tid = len(self.subs) + 1
+        tid = next(self._tids)
         sub = Subscription(self, conn, tid, frame)
         self.subs[tid] = sub
         sub.task = spawn(sub.run(), name=f"sub-{frame.request_id}")
+        sub.task.add_done_callback(lambda _: self.subs.pop(tid, None))
 
     def _on_release(self, frame: Release) -> None:
         if self.allocator is None or self.arena_owner != "daemon":
@@ -179,6 +184,7 @@ class Subscription:
         self.request = frame
         self.transfer: IncomingTransfer | None = None
         self._arena_ready = False
+        self.inline_chunks = 0  # CHUNK frames sent to the engine (counted by its END)
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -262,7 +268,11 @@ class Subscription:
                 conn.send(Abort(self.tid, int(code), message))
                 return
             if transfer.state == "received" and delivered == len(transfer.layers):
-                conn.send(Complete(self.tid, opened.total_bytes, transfer.digest.value()))
+                # END closes the transfer in the engine's connection state (the connection
+                # is reused), COMPLETE says it all arrived verified.
+                digest = transfer.digest.value()
+                conn.send(End(self.tid, self.inline_chunks, digest))
+                conn.send(Complete(self.tid, opened.total_bytes, digest))
                 transfer.delivered()
                 return
             log.debug(
@@ -303,5 +313,6 @@ class Subscription:
                 chunk_checksum(buf),
             )
             await self.conn.send_chunk(meta, memoryview(buf))
+            self.inline_chunks += 1
         transfer.release_layer(layer)
         return True
