@@ -32,10 +32,6 @@ def stamp(base: np.ndarray, layer: int) -> np.ndarray:
     return base
 
 
-def layer_digests(arrays: list[bytes | memoryview]) -> list[str]:
-    return [xxhash.xxh3_64_hexdigest(a) for a in arrays]
-
-
 async def send(args: argparse.Namespace) -> dict[str, object]:
     layer_bytes = args.bytes // args.layers
     base = synthetic_layer(layer_bytes)
