@@ -35,6 +35,7 @@ from kvship.protocol import (
     ErrorCode,
     FrameType,
     GoAway,
+    Have,
     Hello,
     HelloAck,
     LayerReady,
@@ -183,6 +184,11 @@ def frames() -> list[dict[str, Any]]:
             "goaway",
             GoAway(ErrorCode.SHUTTING_DOWN, "draining"),
             "GOAWAY: the sender closes the connection after this frame",
+        ),
+        frame_case(
+            "have",
+            Have(0x0123456789ABCDEF, 115, True),
+            "HAVE: the receiver holds the first 115 blocks and the exact linear states",
         ),
         frame_case(
             "subscribe",

@@ -41,7 +41,8 @@ KNOWN_CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_SPLIT16)
 CAP_SHM = 1 << 0  # shared-memory staging arena on the local API (Unix socket only)
 CAP_STRIPING = 1 << 1  # a transfer may be striped over several connections
 CAP_CODECS = 1 << 2  # chunks may carry codecs other than raw (zstd, split16)
-KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS
+CAP_DEDUP = 1 << 3  # OPEN may carry a dedup manifest; the receiver answers HAVE
+KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP
 
 
 class FrameType:
@@ -56,7 +57,9 @@ class FrameType:
     PING = 0x09
     PONG = 0x0A
     GOAWAY = 0x0B
-    # 0x0C-0x1F reserved: per-chunk ACK, RESUME, dedup HAVE/WANT (see SPEC.md)
+    # 0x0C-0x0F reserved: per-chunk ACK, RESUME (see SPEC.md)
+    HAVE = 0x10  # dedup: the receiver holds the first N blocks (and maybe the states)
+    # 0x11-0x1F reserved for more of the dedup exchange
     SUBSCRIBE = 0x20
     SHM_ATTACH = 0x21
     SHM_ATTACHED = 0x22
@@ -572,6 +575,30 @@ class GoAway:
 
 
 @dataclass(frozen=True, slots=True)
+class Have:
+    """Receiver -> sender, answering a dedup manifest: the first ``blocks`` full blocks
+    (every full-attention layer) and, if ``states``, the exact linear states are held
+    (and pinned), so the chunks they cover are not sent."""
+
+    TYPE: ClassVar[int] = FrameType.HAVE
+    FIXED: ClassVar[struct.Struct] = struct.Struct(">QIB3x")
+    transfer_id: int
+    blocks: int
+    states: bool = False
+
+    def encode(self) -> bytes:
+        return _frame(self.TYPE, self.FIXED.pack(self.transfer_id, self.blocks, self.states))
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Have:
+        _exact(body, cls.FIXED.size, "HAVE")
+        tid, blocks, states = cls.FIXED.unpack_from(body)
+        if states > 1:
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "HAVE states flag is not 0 or 1")
+        return cls(tid, blocks, bool(states))
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     """Engine asks its daemon for a request's KV, waiting up to ``timeout_ms`` for it to arrive."""
 
@@ -704,6 +731,7 @@ Frame = (
     | Ping
     | Pong
     | GoAway
+    | Have
     | Subscribe
     | ShmAttach
     | ShmAttached
@@ -714,6 +742,7 @@ Frame = (
 
 __all__ = [
     "CAP_CODECS",
+    "CAP_DEDUP",
     "CAP_SHM",
     "CAP_STRIPING",
     "CODEC_RAW",
@@ -737,6 +766,7 @@ __all__ = [
     "Frame",
     "FrameType",
     "GoAway",
+    "Have",
     "Hello",
     "HelloAck",
     "LayerReady",
@@ -766,6 +796,7 @@ DECODERS = {
         Ping,
         Pong,
         GoAway,
+        Have,
         Subscribe,
         ShmAttach,
         ShmAttached,
