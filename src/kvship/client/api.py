@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from ..layout import layout_of
+from ..layout.dedup import Manifest
+from ..layout.model import ModelLayout
+from ..layout.prefix import block_keys
 from ..protocol import LayerSpec, Subscribe
 from .connection import EngineConnection, default_address
 from .receiver import Receiver, open_receiver
@@ -13,6 +17,7 @@ from .sender import Sender, SendResult
 
 MIB = 1024 * 1024
 PRIORITIES = {"bulk": 0, "latency": 1}  # OPEN.priority
+DEDUP_CHUNK_BLOCKS = 16
 
 
 class Client:
@@ -96,17 +101,39 @@ class Client:
         peer: str,
         token_ids: Sequence[int] = (),
         priority: str = "bulk",
+        model: ModelLayout | None = None,
+        tp_rank: int = 0,
     ) -> Sender:
         """Open a transfer of ``request_id`` to the daemon at ``peer`` (host:port).
 
-        ``priority``: "latency" transfers go before "bulk" ones on a rate-limited link."""
+        ``priority``: "latency" transfers go before "bulk" ones on a rate-limited link.
+        ``model``: the model's KV geometry, with the layers in its order (full-attention
+        layers as paged blocks, linear layers as their states): then the prompt's block
+        keys travel with the transfer and the far daemon skips the prefix it already holds
+        (prefix dedup; chunks are cut at block boundaries)."""
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {sorted(PRIORITIES)}, got {priority!r}")
         if not layout:
             raise ValueError("layout has no layers")
+        extra, multiple, chunk_bytes = {}, 1, self.chunk_bytes
+        if model is not None:
+            keys = tuple(block_keys(token_ids, model, tp_rank))
+            extra = {"dedup": Manifest(model, tp_rank, keys).to_extra()}
+            multiple = math.lcm(*(model.layers[i].block_bytes for i in model.full_layers))
+            # Dedup skips whole chunks: at most DEDUP_CHUNK_BLOCKS blocks per chunk, so the
+            # chunk that straddles the held prefix wastes little.
+            chunk_bytes = min(chunk_bytes, max(multiple, DEDUP_CHUNK_BLOCKS * multiple))
         conn = await self._connect("send", max(self.chunk_bytes, self.arena_bytes))
         return Sender(
-            conn, request_id, layout, peer, token_ids, self.chunk_bytes, PRIORITIES[priority]
+            conn,
+            request_id,
+            layout,
+            peer,
+            token_ids,
+            chunk_bytes,
+            PRIORITIES[priority],
+            extra=extra,
+            chunk_multiple=multiple,
         )
 
     async def send_arrays(

@@ -49,13 +49,19 @@ class Sender:
         token_ids: Sequence[int],
         chunk_bytes: int,
         priority: int,
+        *,
+        extra: dict[str, Any] | None = None,
+        chunk_multiple: int = 1,
     ) -> None:
         self._conn = conn
         self._tid = conn.next_tid()
         self.request_id = request_id
         self.layout = tuple(layout)
         assert conn.proto is not None
-        self.chunk_bytes = min(chunk_bytes, conn.proto.conn.limits.max_chunk)
+        size = min(chunk_bytes, conn.proto.conn.limits.max_chunk)
+        if chunk_multiple > size:
+            raise KvshipError(f"a block group of {chunk_multiple} B exceeds the chunk size {size}")
+        self.chunk_bytes = size - size % chunk_multiple  # dedup skips whole blocks
         self._starts = chunk_table(self.layout, self.chunk_bytes)
         self._checksums = [0] * self._starts[-1]
         self._put = [False] * len(self.layout)
@@ -70,6 +76,7 @@ class Sender:
             tuple(int(t) for t in token_ids),
             priority=priority,
             peer=peer,
+            extra=extra or {},
         )
         assert conn.proto is not None
         conn.proto.send(opened)

@@ -46,6 +46,9 @@ class Config:
     compression: str = "auto"
     compress_level: int = 1  # zstd level of the zstd codec
     compress_workers: int = 2  # threads that compress and decompress chunks
+    # Prefix dedup: KV blocks kept (LRU, content-addressed) for later requests that share a
+    # prefix; up to 4 models share it.
+    store_bytes: int = 512 * MIB
     staging_bytes: int = 64 * MIB  # received bytes held in daemon memory, all transfers
     subscribe_timeout_s: float = 30.0  # default wait of an engine's receive()
     retention_s: float = 120.0  # how long a received, unclaimed transfer is kept
@@ -83,6 +86,7 @@ class Config:
             except RateError as exc:
                 raise ConfigError(str(exc)) from None
         need(1 <= self.compress_workers <= 64, "compress_workers", "must be 1..64")
+        need(self.store_bytes >= 4 * MIB, "store_bytes", "must be >= 4 MiB")
         need(self.staging_bytes >= self.window_bytes, "staging_bytes", "must be >= window_bytes")
         for key in ("subscribe_timeout_s", "retention_s", "connect_timeout_s", "drain_timeout_s"):
             need(0 < getattr(self, key) <= 86400, key, "must be > 0 and at most a day")

@@ -296,14 +296,26 @@ class Subscription:
                 return False
         if offset is not None or nbytes == 0:
             transfer.regions.pop(layer, None)
-            for chunk_offset, buf in transfer.held.get(layer, []):  # arrived before the region
-                self.view(offset + chunk_offset, len(buf))[:] = buf  # type: ignore[operator]
+            if nbytes:
+                assert offset is not None
+                view = self.view(offset, nbytes)
+                for chunk_offset, buf in transfer.held.get(layer, []):  # came before the region
+                    view[chunk_offset : chunk_offset + len(buf)] = buf
+                _with_held_prefix(transfer, layer, view)
             transfer.release_layer(layer)
             self.conn.send(LayerReady(self.tid, layer, offset or 0, nbytes))
             return True
         # Inline: no arena, or a layer too large for it.
+        chunks = sorted(transfer.held.get(layer, []))
+        if transfer.held_prefix is not None and nbytes:
+            whole = memoryview(bytearray(nbytes))  # the store's prefix + the wire's rest
+            for chunk_offset, buf in chunks:
+                whole[chunk_offset : chunk_offset + len(buf)] = buf
+            _with_held_prefix(transfer, layer, whole)
+            size = transfer.opened.chunk_size
+            chunks = [(o, whole[o : o + size]) for o in range(0, nbytes, size)]
         chunk_size, first = transfer.opened.chunk_size, transfer.starts[layer]
-        for chunk_offset, buf in sorted(transfer.held.get(layer, [])):
+        for chunk_offset, buf in chunks:
             meta = ChunkMeta(
                 self.tid,
                 first + chunk_offset // chunk_size,
@@ -316,3 +328,11 @@ class Subscription:
             self.inline_chunks += 1
         transfer.release_layer(layer)
         return True
+
+
+def _with_held_prefix(transfer: IncomingTransfer, layer: int, view: memoryview) -> None:
+    """Dedup: put the stored prefix into the layer, and keep its new blocks for later."""
+    held = transfer.held_prefix
+    if held is not None:
+        held.fill(layer, view)
+        held.remember(layer, view)

@@ -18,6 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..aio import FramedProtocol, spawn
+from ..layout.dedup import DedupError
 from ..protocol import (
     CODEC_RAW,
     Abort,
@@ -26,12 +27,15 @@ from ..protocol import (
     Complete,
     End,
     ErrorCode,
+    Have,
     Open,
     ProtocolError,
     TransferDigest,
     chunk_checksum,
     chunk_table,
 )
+from ..store import StoreError
+from .dedup import HeldPrefix
 from .records import TransferRecord
 
 if TYPE_CHECKING:
@@ -60,6 +64,7 @@ class IncomingTransfer:
         self.regions: dict[int, int] = {}
         self.held: dict[int, list[tuple[int, bytearray]]] = {}  # layer -> chunks in memory
         self.decoding = 0  # coded chunks being decoded in the codec pool
+        self.held_prefix: HeldPrefix | None = None  # what dedup supplies from the store
         self.ready: deque[int] = deque(i for i, n in enumerate(self.pending) if n == 0)
         self.subscriber: Subscription | None = None
         self.state = "receiving"  # receiving | received | delivered | failed
@@ -89,6 +94,33 @@ class IncomingTransfer:
         if opened.stripe in self.stripe_conns:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"stripe {opened.stripe} opened twice")
         self.stripe_conns[opened.stripe] = conn
+
+    def negotiate_dedup(self, conn: FramedProtocol) -> None:
+        """Answer the sender's manifest with HAVE; the chunks it covers count as arrived
+        (checksum slot 0, as the sender counts them) and are filled in at delivery."""
+        try:
+            self.held_prefix = HeldPrefix.negotiate(
+                self.daemon.store_for,
+                self.opened.extra["dedup"],
+                self.layers,
+                self.opened.token_ids,
+                self.opened.chunk_size,
+            )
+        except (DedupError, StoreError) as exc:
+            self.fail(ErrorCode.LAYOUT_MISMATCH, f"dedup manifest refused: {exc}")
+            return
+        held = self.held_prefix
+        for layer, chunks in held.skip.items():
+            for index in chunks:
+                self.digest.add(index, 0)
+            self.pending[layer] -= len(chunks)
+            if self.pending[layer] == 0:
+                self.ready.append(layer)
+        self.record.skipped_bytes = sum(
+            min(held.prefix_bytes(layer), self.layers[layer].nbytes) for layer in held.skip
+        )
+        conn.send(Have(self.id, held.blocks, held.states))
+        self.changed.set()
 
     def destination(self, meta: ChunkMeta) -> tuple[memoryview, bool]:
         """Where a chunk's raw bytes go: (buffer, in_arena). The layer's region of the
@@ -226,12 +258,16 @@ class IncomingTransfer:
             conn.conn.forget(self.id)  # chunks already in flight get dropped quietly
         self.state = "failed"
         self.error = (code, message)
+        if self.held_prefix is not None:
+            self.held_prefix.release()
         self.free_held()
         self.record.finish("failed", f"{code.name}: {message}")
         self.changed.set()
         self.daemon.transfer_finished(self.record, self)
 
     def delivered(self) -> None:
+        if self.held_prefix is not None:
+            self.held_prefix.release()
         self.state = "delivered"
         self.record.finish("complete")
         self.daemon.transfer_finished(self.record, self)

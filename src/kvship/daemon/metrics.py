@@ -22,6 +22,29 @@ LINK_GAUGES = (
 )
 
 
+STORE_GAUGES = (
+    ("kvship_store_bytes", "bytes", "KV bytes held by the dedup block store"),
+    ("kvship_store_blocks", "blocks", "KV blocks held by the dedup block store"),
+    ("kvship_store_states", "states", "Linear-attention states held"),
+    ("kvship_store_pinned_bytes", "pinned_bytes", "Store bytes pinned by transfers"),
+    ("kvship_store_hits", "hits", "Blocks and states served from the store"),
+    ("kvship_store_misses", "misses", "Store look-ups that found nothing"),
+    ("kvship_store_evictions", "evictions", "Entries evicted (least recently used)"),
+)
+
+
+class StoreCollector(Collector):
+    """The block stores' figures, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        figures = self.stats()
+        for name, key, help_text in STORE_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=float(figures.get(key, 0)))
+
+
 class LinkCollector(Collector):
     """Reads the links' live figures at scrape time: nothing is updated per chunk for it."""
 
@@ -86,6 +109,9 @@ class Metrics:
 
     def watch_links(self, links: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(LinkCollector(links))
+
+    def watch_store(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(StoreCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

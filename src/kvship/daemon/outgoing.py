@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..aio import FramedProtocol, spawn
+from ..layout.dedup import DedupError, Manifest, skipped_chunks
 from ..protocol import (
+    CAP_DEDUP,
     CODEC_RAW,
     HEADER_SIZE,
     Abort,
@@ -25,13 +27,16 @@ from ..protocol import (
     Complete,
     End,
     ErrorCode,
+    Have,
     Open,
     chunk_checksum,
+    chunk_table,
     digest_of_checksums,
 )
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
 from .records import TransferRecord
 
+HAVE_TIMEOUT_S = 10.0  # a receiver that never answers the manifest: send everything
 PRIORITY_LATENCY = 1  # OPEN.priority: 0 = bulk, 1 = latency (served first on a link)
 
 if TYPE_CHECKING:
@@ -70,6 +75,9 @@ class OutgoingTransfer:
         self.priority = LATENCY if opened.priority == PRIORITY_LATENCY else BULK
         self.chunks_in = 0
         self.per_stripe = [0] * self.n_stripes
+        self.sent_on_stripe = [0] * self.n_stripes
+        self.skip: set[int] = set()  # chunks the receiver already holds (dedup)
+        self.have: asyncio.Future[Have] = asyncio.get_running_loop().create_future()
         self.link: PeerLink | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.done = asyncio.get_running_loop().create_future()
@@ -122,6 +130,43 @@ class OutgoingTransfer:
     def _digest(self) -> int:
         return digest_of_checksums(self.checksums)
 
+    def _peer_digest(self) -> int:
+        """The digest the receiver checks: skipped (deduplicated) chunks count as 0."""
+        if not self.skip:
+            return self._digest()
+        return digest_of_checksums(
+            [0 if i in self.skip else c for i, c in enumerate(self.checksums)]
+        )
+
+    async def _negotiate_dedup(self, conns: list[FramedProtocol]) -> None:
+        """Wait for the receiver's HAVE (one round trip; the engine keeps staging meanwhile)
+        and work out which chunks it already holds."""
+        manifest = self.opened.extra.get("dedup")
+        if manifest is None or not conns[0].conn.negotiated.capabilities & CAP_DEDUP:
+            return
+        try:
+            plan = Manifest.from_extra(manifest)
+            have = await asyncio.wait_for(asyncio.shield(self.have), HAVE_TIMEOUT_S)
+        except (DedupError, TimeoutError):
+            return  # no dedup: everything travels
+        skip = skipped_chunks(
+            plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks, have.states
+        )
+        self.skip = {i for chunks in skip.values() for i in chunks}
+        self.record.skipped_bytes = sum(
+            min(self.opened.chunk_size, self._chunk_bytes(i)) for i in self.skip
+        )
+
+    def _chunk_bytes(self, index: int) -> int:
+        starts = chunk_table(self.opened.layers, self.opened.chunk_size)
+        layer = next(i for i in range(len(starts) - 1) if starts[i] <= index < starts[i + 1])
+        offset = (index - starts[layer]) * self.opened.chunk_size
+        return min(self.opened.chunk_size, self.opened.layers[layer].nbytes - offset)
+
+    def on_have(self, frame: Have) -> None:
+        if not self.have.done():
+            self.have.set_result(frame)
+
     # -------------------------------------------------------------- peer side
     async def _run(self) -> None:
         try:
@@ -148,6 +193,9 @@ class OutgoingTransfer:
                     self.opened, transfer_id=self.id, n_stripes=len(conns), stripe=stripe, peer=""
                 )
             )
+        await self._negotiate_dedup(conns)
+        if self.done.done():
+            return
         self.tasks.extend(
             spawn(self._stripe(i, conn), name=f"out-{self.id:x}-{i}")
             for i, conn in enumerate(conns)
@@ -161,11 +209,14 @@ class OutgoingTransfer:
         while True:
             item = await queue.get()
             if item is _END:
-                conn.send(End(self.id, self.per_stripe[index], self._digest()))
+                conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
                 return
             meta, data, release, queued_at = item  # type: ignore[misc]
             self.queued_bytes -= len(data)
             link.figures.waited(time.monotonic() - queued_at)
+            if meta.chunk_index in self.skip:  # the receiver holds it already
+                release()
+                continue
             # Verified here, just before the kernel copies it: the read brings the chunk
             # into cache for the copy. A corrupt engine must not get the link torn down.
             if chunk_checksum(data) != meta.checksum:
@@ -188,6 +239,7 @@ class OutgoingTransfer:
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
                 return
             release()
+            self.sent_on_stripe[index] += 1
             link.note_sent(raw_length, len(wire) + CHUNK_OVERHEAD)
             self.record.bytes_done += raw_length
             self.record.chunks_done += 1
@@ -198,11 +250,11 @@ class OutgoingTransfer:
     def on_complete(self, frame: Complete) -> None:
         if self.done.done():
             return
-        if frame.digest != self._digest() or frame.total_bytes != self.opened.total_bytes:
+        if frame.digest != self._peer_digest() or frame.total_bytes != self.opened.total_bytes:
             self.fail(ErrorCode.DIGEST_MISMATCH, "peer acknowledged different bytes")
             return
-        with contextlib.suppress(ConnectionError):
-            self.engine.send(Complete(self.engine_tid, frame.total_bytes, frame.digest))
+        with contextlib.suppress(ConnectionError):  # the engine's digest covers every chunk
+            self.engine.send(Complete(self.engine_tid, frame.total_bytes, self._digest()))
         self._finish("complete")
 
     def on_peer_abort(self, frame: Abort) -> None:

@@ -15,6 +15,7 @@ from ..aio import FramedProtocol, open_connection, spawn
 from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
 from ..protocol import (
     CAP_CODECS,
+    CAP_DEDUP,
     CAP_STRIPING,
     ROLE_PEER,
     Abort,
@@ -22,6 +23,7 @@ from ..protocol import (
     ErrorCode,
     Frame,
     GoAway,
+    Have,
     Hello,
     Ping,
     Pong,
@@ -125,7 +127,7 @@ class PeerLink:
 
     async def connect(self) -> None:
         cfg = self.daemon.config
-        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=CAP_STRIPING | CAP_CODECS)
+        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=CAP_STRIPING | CAP_CODECS | CAP_DEDUP)
         try:
             self.conns = list(
                 await asyncio.gather(
@@ -239,6 +241,10 @@ class PeerLink:
             transfer = self.transfers.get(frame.transfer_id)
             if transfer is not None:
                 transfer.on_peer_abort(frame)
+        elif isinstance(frame, Have):
+            transfer = self.transfers.get(frame.transfer_id)
+            if transfer is not None:
+                transfer.on_have(frame)
         elif isinstance(frame, Ping):
             conn.send(Pong(frame.opaque))
         elif isinstance(frame, Pong):

@@ -18,6 +18,7 @@ class TransferRecord:
     n_layers: int
     state: str = "open"  # open | received | complete | failed
     bytes_done: int = 0
+    skipped_bytes: int = 0  # not sent: the receiver held them already (dedup)
     chunks_done: int = 0
     error: str = ""
     started: float = field(default_factory=time.time)
@@ -38,6 +39,7 @@ class TransferRecord:
             "state": self.state,
             "total_bytes": self.total_bytes,
             "bytes_done": self.bytes_done,
+            "skipped_bytes": self.skipped_bytes,
             "n_chunks": self.n_chunks,
             "chunks_done": self.chunks_done,
             "n_layers": self.n_layers,

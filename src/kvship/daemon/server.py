@@ -14,8 +14,11 @@ from typing import Any
 
 from ..aio import FramedProtocol
 from ..aio.framed import split_hostport
+from ..layout.model import ModelLayout
+from ..layout.prefix import namespace
 from ..protocol import (
     CAP_CODECS,
+    CAP_DEDUP,
     CAP_SHM,
     CAP_STRIPING,
     ROLE_ENGINE,
@@ -36,6 +39,7 @@ from ..protocol import (
     ProtocolError,
 )
 from ..ratelimit import TokenBucket, parse_burst, parse_rate
+from ..store import BlockStore
 from .codecpool import CodecPool
 from .config import MAX_CHUNK, Config
 from .engine_api import EngineSession, Subscription
@@ -48,6 +52,7 @@ from .records import TransferRecord
 log = logging.getLogger("kvship.daemon")
 
 HISTORY = 1000  # finished transfers kept for /v1/transfers
+STORES = 4  # model namespaces with a block store at once
 
 
 class Daemon:
@@ -57,7 +62,9 @@ class Daemon:
         self.egress = TokenBucket(parse_rate(config.egress_rate), parse_burst(config.egress_burst))
         # Per-peer limits set at run time (PUT /v1/links/{peer}); others use the config's.
         self.link_limits: dict[str, tuple[float, int]] = {}
+        self.stores: OrderedDict[bytes, BlockStore] = OrderedDict()  # dedup, per model
         self.metrics.watch_links(self.links_json)
+        self.metrics.watch_store(self.store_stats)
         self.codecs = CodecPool(config.compress_workers, config.compress_level)
         self.limits = Limits(
             max_chunk=min(MAX_CHUNK, config.window_bytes),  # a chunk must fit the window
@@ -192,12 +199,13 @@ class Daemon:
                     ErrorCode.CANCELLED, f"sender aborted: {frame.message}", tell_sender=False
                 )
         elif isinstance(frame, Hello):
-            self._handshake(proto, frame, ROLE_PEER, CAP_STRIPING | CAP_CODECS)
+            self._handshake(proto, frame, ROLE_PEER, CAP_STRIPING | CAP_CODECS | CAP_DEDUP)
         elif isinstance(frame, Ping):
             proto.send(Pong(frame.opaque))
 
     def _on_peer_open(self, proto: FramedProtocol, frame: Open) -> None:
         transfer = self.incoming.get(frame.transfer_id)
+        new = transfer is None
         if transfer is None:
             if self.draining:
                 proto.send(Abort(frame.transfer_id, ErrorCode.SHUTTING_DOWN, "draining"))
@@ -221,6 +229,8 @@ class Daemon:
                     fut.set_result(transfer)
                     break
         transfer.add_stripe(proto, frame)
+        if new and "dedup" in frame.extra and proto.conn.negotiated.capabilities & CAP_DEDUP:
+            transfer.negotiate_dedup(proto)
 
     def _on_peer_close(self, proto: FramedProtocol, error: BaseException | None) -> None:
         self.connections.discard(proto)
@@ -301,6 +311,26 @@ class Daemon:
             config.egress_rate,
             config.compression,
         )
+
+    def store_for(self, layout: ModelLayout, tp_rank: int) -> BlockStore:
+        """The block store of one model namespace. Up to ``STORES`` namespaces share
+        ``store_bytes`` equally; a new one pushes out the least recently used."""
+        key = namespace(layout, tp_rank)
+        store = self.stores.pop(key, None)
+        if store is None:
+            store = BlockStore(self.config.store_bytes // STORES, layout, tp_rank)
+            while len(self.stores) >= STORES:
+                _, old = self.stores.popitem(last=False)
+                log.info("block store of another model dropped (%d B)", old.used_bytes)
+        self.stores[key] = store
+        return store
+
+    def store_stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for store in self.stores.values():
+            for k, v in store.stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def forget_link(self, link: PeerLink) -> None:
         if self.links.get(link.address) is link:

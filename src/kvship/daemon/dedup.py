@@ -1,0 +1,108 @@
+"""Receiver side of prefix dedup: what this daemon already holds of an arriving request,
+and how the held blocks and states are put back into the layers handed to the engine.
+
+On OPEN with a manifest, the receiver checks the manifest against the transfer (keys
+against token ids, layers against the model), matches the longest prefix held for every
+full-attention layer, pins it, and answers HAVE. Both sides then skip the same chunks
+(:func:`kvship.layout.dedup.skipped_chunks`). At delivery the held prefix is copied into
+the layer's buffer, and the layer's own full blocks go into the store for the next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from ..layout.dedup import DedupError, Manifest, skipped_chunks
+from ..layout.model import FullAttention
+from ..layout.prefix import first_mismatch, full_prefix_key
+from ..protocol import LayerSpec
+from ..store import BlockStore, StoreError
+
+log = logging.getLogger("kvship.dedup")
+
+
+@dataclass
+class HeldPrefix:
+    """One incoming transfer's dedup state on the receiving daemon."""
+
+    store: BlockStore
+    manifest: Manifest
+    blocks: int  # leading full blocks held for every full-attention layer
+    state_key: bytes
+    states: bool  # the exact linear states are held too
+    skip: dict[int, list[int]]  # layer -> chunk indices not sent
+    chunk_size: int
+    released: bool = False
+
+    @classmethod
+    def negotiate(
+        cls,
+        store_for: object,
+        extra: object,
+        layers: tuple[LayerSpec, ...],
+        token_ids: tuple[int, ...],
+        chunk_size: int,
+    ) -> HeldPrefix:
+        """Check the manifest and find what is held; DedupError before anything changes."""
+        manifest = Manifest.from_extra(extra)
+        manifest.check(layers, len(token_ids), chunk_size)
+        layout = manifest.layout
+        bad = first_mismatch(manifest.keys, token_ids, layout, manifest.tp_rank)
+        if bad is not None:
+            raise DedupError(f"block key {bad} does not match its token ids")
+        store: BlockStore = store_for(layout, manifest.tp_rank)  # type: ignore[operator]
+        keys = manifest.keys
+        held = store.match_prefix(keys)
+        state_key = full_prefix_key(token_ids, layout, manifest.tp_rank, keys)
+        states = bool(layout.linear_layers) and all(
+            store.has_state(state_key, i) for i in layout.linear_layers
+        )
+        store.pin(keys[:held])
+        if states:
+            store.pin([state_key])
+        skip = skipped_chunks(layout, layers, chunk_size, held, states)
+        return cls(store, manifest, held, state_key, states, skip, chunk_size)
+
+    def prefix_bytes(self, layer: int) -> int:
+        """Bytes at the start of ``layer`` that come from the store, not the wire."""
+        return len(self.skip.get(layer, ())) * self.chunk_size
+
+    def fill(self, layer: int, view: memoryview) -> None:
+        """Copy the held prefix (or state) of ``layer`` into its buffer."""
+        n = self.prefix_bytes(layer)
+        if not n:
+            return
+        kind = self.manifest.layout.layers[layer]
+        if isinstance(kind, FullAttention):
+            bb = kind.block_bytes
+            for i in range(min(n, len(view)) // bb):
+                data = self.store.get(self.manifest.keys[i], layer)
+                if data is None:  # pinned: cannot happen unless the store is broken
+                    raise StoreError(f"pinned block {i} of layer {layer} is gone")
+                view[i * bb : (i + 1) * bb] = data
+        else:
+            state = self.store.get_state(self.state_key, layer)
+            if state is None:
+                raise StoreError(f"pinned state of layer {layer} is gone")
+            view[: len(state)] = state
+
+    def remember(self, layer: int, view: memoryview) -> None:
+        """Keep the layer's full blocks (or state) for the next request with this prefix."""
+        kind = self.manifest.layout.layers[layer]
+        with contextlib.suppress(StoreError):  # full of pinned blocks: just do not keep it
+            if isinstance(kind, FullAttention):
+                bb = kind.block_bytes
+                for i in range(self.blocks, len(self.manifest.keys)):
+                    if not self.store.has(self.manifest.keys[i], layer):
+                        self.store.put(self.manifest.keys[i], layer, view[i * bb : (i + 1) * bb])
+            elif not self.store.has_state(self.state_key, layer):
+                self.store.put_state(self.state_key, layer, bytes(view))
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.store.unpin(self.manifest.keys[: self.blocks])
+            if self.states:
+                self.store.unpin([self.state_key])
