@@ -133,3 +133,33 @@ async def test_a_manifest_whose_keys_lie_is_refused(pair: tuple[DaemonProcess, .
     assert info.value.code == ErrorCode.LAYOUT_MISMATCH, info.value
     assert "does not match its token ids" in info.value.message
     assert b.metric("kvship_store_bytes") == stored_before
+
+
+async def test_lookup_tells_how_much_of_a_prompt_is_held(pair: tuple[DaemonProcess, ...]) -> None:
+    a, b = pair
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, 50000, 1000, dtype=np.uint32)  # 62 full blocks + a tail
+    client = Client(control=b.addresses["control"])
+    assert await client.lookup(prompt.tolist(), MODEL) == 0
+    await ship(a, b, "lookup-1", prompt)
+    assert await client.lookup(prompt.tolist(), MODEL) == 62 * 16
+    longer = np.concatenate([prompt[:800], rng.integers(0, 50000, 500, dtype=np.uint32)])
+    assert await client.lookup(longer.tolist(), MODEL) == 50 * 16  # 800 tokens = 50 blocks
+
+
+def test_lookup_refuses_bad_requests(pair: tuple[DaemonProcess, ...]) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    b = pair[1]
+    for body in (
+        b"{}",
+        b'{"model": "no-such-model", "token_ids": [1]}',
+        b'{"model": "dense-gqa-8b"}',
+    ):
+        req = urllib.request.Request(b.url("/v1/lookup"), data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.code == 400
+        assert json.loads(info.value.read())["error"]

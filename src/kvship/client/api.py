@@ -6,6 +6,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
+
+from ..errors import DaemonUnavailable, KvshipError
 from ..layout import layout_of
 from ..layout.dedup import Manifest
 from ..layout.model import ModelLayout
@@ -43,6 +46,7 @@ class Client:
         use_shm: bool | None = None,
         connect_timeout: float = 10.0,
         max_idle: int = 4,
+        control: str | None = None,
     ) -> None:
         if not 4096 <= chunk_bytes <= 4 * MIB:
             raise ValueError("chunk_bytes must be between 4 KiB and 4 MiB")
@@ -54,6 +58,7 @@ class Client:
         self.use_shm = use_shm
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
+        self.control = control  # the daemon's control plane (host:port), for lookup()
         self._idle: dict[str, list[EngineConnection]] = {"send": [], "recv": []}
 
     async def _connect(self, kind: str, arena_bytes: int) -> EngineConnection:
@@ -73,6 +78,37 @@ class Client:
         )
         conn.park = lambda c: self._park(kind, c)
         return conn
+
+    async def lookup(
+        self,
+        token_ids: Sequence[int],
+        model: ModelLayout,
+        *,
+        peer: str | None = None,
+        tp_rank: int = 0,
+        timeout: float = 5.0,
+    ) -> int:
+        """How many leading tokens of this prompt have their KV held by a daemon's block
+        store (what a scheduler needs to decide how much to prefill, cf. vLLM's
+        ``get_num_new_matched_tokens``). ``peer``: that daemon's control plane
+        (host:port); default: this client's (``Client(control=...)``). The keys are
+        hashed here, once, so the daemon's side is a set walk."""
+        control = peer or self.control
+        if not control:
+            raise ValueError("lookup needs a control-plane address: peer= or Client(control=)")
+        keys = block_keys(token_ids, model, tp_rank)
+        body = {"model": model.to_dict(), "tp_rank": tp_rank, "keys": [k.hex() for k in keys]}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+                http.post(f"http://{control}/v1/lookup", json=body) as resp,
+            ):
+                answer = await resp.json()
+                if resp.status != 200:
+                    raise KvshipError(f"lookup refused: {answer.get('error', resp.status)}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DaemonUnavailable(f"cannot reach kvshipd control plane {control}: {exc}") from exc
+        return int(answer["cached_tokens"])
 
     def _park(self, kind: str, conn: EngineConnection) -> None:
         idle = self._idle[kind]

@@ -102,6 +102,41 @@ async def route(request: web.Request) -> web.Response:
     return web.json_response(decision)
 
 
+async def lookup(request: web.Request) -> web.Response:
+    """How many leading tokens' KV this daemon's block store holds for a prompt.
+
+    Body: {"model": <layout dict> or "<preset name>", "tp_rank": 0, and either "keys": [hex
+    block keys] (hashed once by the caller: the look-up is then a set walk) or "token_ids"}.
+    """
+    from ..layout.model import LayoutError, ModelLayout
+    from ..layout.prefix import block_keys
+    from ..layout.presets import preset
+
+    daemon = request.app[DAEMON_KEY]
+    try:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        model = body.get("model")
+        layout = preset(model) if isinstance(model, str) else ModelLayout.from_dict(model)
+        tp_rank = int(body.get("tp_rank", 0))
+        if "keys" in body:
+            keys = [bytes.fromhex(k) for k in body["keys"]]
+            if any(len(k) != 16 for k in keys):
+                raise ValueError("keys: block keys are 16 bytes (32 hex digits)")
+        elif "token_ids" in body:
+            keys = block_keys(body["token_ids"], layout, tp_rank)
+        else:
+            raise ValueError('give "keys" or "token_ids"')
+    except (ValueError, TypeError, KeyError, LayoutError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    store = daemon.store_for(layout, tp_rank)
+    blocks = store.match_prefix(keys)
+    return web.json_response(
+        {"cached_blocks": blocks, "cached_tokens": blocks * layout.block_tokens}
+    )
+
+
 def make_app(daemon: Daemon) -> web.Application:
     app = web.Application()
     app[DAEMON_KEY] = daemon
@@ -112,4 +147,5 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/links", links)
     app.router.add_put("/v1/links/{peer}", put_link)
     app.router.add_post("/v1/route", route)
+    app.router.add_post("/v1/lookup", lookup)
     return app
