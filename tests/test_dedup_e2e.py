@@ -163,3 +163,20 @@ def test_lookup_refuses_bad_requests(pair: tuple[DaemonProcess, ...]) -> None:
             urllib.request.urlopen(req, timeout=10)
         assert info.value.code == 400
         assert json.loads(info.value.read())["error"]
+
+
+def test_bench_prefix_pair_reports_its_fields() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "kvship.cli.main", "bench", "--workload", "prefix-pair",
+         "--tokens", "1024", "--store-bytes", "1GiB", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["digest_match"] is True
+    assert result["second_vs_first"] <= 0.2  # 90 % shared, 4-block chunks at 1024 tokens
+    for key in ("first_wire_bytes", "second_wire_bytes", "dedup_saved_bytes"):
+        assert result[key] > 0

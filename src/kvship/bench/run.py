@@ -279,11 +279,39 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    d = p.add_argument_group("dedup workloads (--workload prefix | prefix-pair)")
+    d.add_argument(
+        "--workload",
+        choices=["transfer", "prefix", "prefix-pair"],
+        default="transfer",
+        help="transfer: throughput (default)",
+    )
+    d.add_argument("--model", default="dense-gqa-8b", help="layout preset (kvship layout list)")
+    d.add_argument("--shared-fraction", type=float, default=0.9, help="prefix-pair")
+    d.add_argument("--tokens", type=int, default=4096, help="prefix-pair prompt length")
+    d.add_argument("--prefixes", type=int, default=3, help="prefix: shared prefixes")
+    d.add_argument("--prefix-tokens", type=int, default=512)
+    d.add_argument("--suffix-tokens", type=int, default=256, help="prefix: longest suffix")
+    d.add_argument("--requests", type=int, default=8, help="prefix: requests")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--store-bytes",
+        type=parse_size,
+        default=4 << 30,
+        help="the receiving daemon's block store (default 4GiB)",
+    )
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(opts: argparse.Namespace) -> int:
-    result = run_bench(opts)
+    if opts.workload != "transfer":
+        from .dedup import run_dedup_bench
+
+        if not 0 <= opts.shared_fraction <= 1:
+            raise ValueError("--shared-fraction must be between 0 and 1")
+        result = run_dedup_bench(opts)
+    else:
+        result = run_bench(opts)
     if opts.json:
         print(json.dumps(result))
         return 0 if result["digest_match"] else 1

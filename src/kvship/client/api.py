@@ -20,7 +20,7 @@ from .sender import Sender, SendResult
 
 MIB = 1024 * 1024
 PRIORITIES = {"bulk": 0, "latency": 1}  # OPEN.priority
-DEDUP_CHUNK_BLOCKS = 16
+DEDUP_CHUNK_BLOCKS = 4
 
 
 class Client:
