@@ -180,3 +180,21 @@ def test_bench_prefix_pair_reports_its_fields() -> None:
     assert result["second_vs_first"] <= 0.2  # 90 % shared, 4-block chunks at 1024 tokens
     for key in ("first_wire_bytes", "second_wire_bytes", "dedup_saved_bytes"):
         assert result[key] > 0
+
+
+async def test_route_takes_the_local_prefix_from_the_store(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """POST /v1/route with token ids and a model: the daemon's own store gives the cached
+    prefix, so the router judges only the incremental length."""
+    import json
+    import urllib.request
+
+    a, b = pair
+    prompt = np.random.default_rng(5).integers(0, 50000, 1600, dtype=np.uint32)
+    await ship(a, b, "route-1", prompt)
+    body = {"token_ids": prompt.tolist(), "model": MODEL.to_dict()}
+    req = urllib.request.Request(b.url("/v1/route"), data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        decision = json.loads(resp.read())
+    assert decision["incremental_tokens"] == 1600 - 100 * 16, decision  # 100 blocks held

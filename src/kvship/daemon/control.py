@@ -82,7 +82,9 @@ async def put_link(request: web.Request) -> web.Response:
 async def route(request: web.Request) -> web.Response:
     """One PrfaaS routing decision, judged on this daemon's live figures of the link to
     ``peer`` (read, not fetched). Body: prompt_tokens or token_ids, local_cached_tokens,
-    remote_cached_tokens, peer, remote {queue_depth}. No link yet -> local, and says why."""
+    remote_cached_tokens, peer, remote {queue_depth}. No link yet -> local, and says why.
+    With token_ids and a model but no local_cached_tokens, the local prefix is this
+    daemon's own block store's (the same answer as POST /v1/lookup)."""
     from ..router.policy import RouteError  # the planner loads on first use, not at start
     from ..router.scenario import planned_router
 
@@ -91,6 +93,8 @@ async def route(request: web.Request) -> web.Response:
         body = await request.json()
         if not isinstance(body, dict):
             raise RouteError("body: must be a JSON object")
+        if "local_cached_tokens" not in body and "model" in body and "token_ids" in body:
+            body["local_cached_tokens"] = _cached_tokens(daemon, body)
         link = daemon.links.get(str(body.get("peer", "")))
         figures = link.figures_json() if link is not None else None
         router = request.app.get(ROUTER_KEY)
@@ -108,16 +112,26 @@ async def lookup(request: web.Request) -> web.Response:
     Body: {"model": <layout dict> or "<preset name>", "tp_rank": 0, and either "keys": [hex
     block keys] (hashed once by the caller: the look-up is then a set walk) or "token_ids"}.
     """
-    from ..layout.model import LayoutError, ModelLayout
-    from ..layout.prefix import block_keys
-    from ..layout.presets import preset
 
-    daemon = request.app[DAEMON_KEY]
     try:
         body = await request.json()
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object")
-        model = body.get("model")
+        tokens = _cached_tokens(request.app[DAEMON_KEY], body)
+    except ValueError as exc:  # LayoutError is a ValueError too
+        return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response({"cached_tokens": tokens})
+
+
+def _cached_tokens(daemon: Daemon, body: dict[str, Any]) -> int:
+    """Leading tokens of the prompt whose KV the block store holds (ValueError if the body
+    does not say which model, or which prompt)."""
+    from ..layout.model import ModelLayout
+    from ..layout.prefix import block_keys
+    from ..layout.presets import preset
+
+    model = body.get("model")
+    try:
         layout = preset(model) if isinstance(model, str) else ModelLayout.from_dict(model)
         tp_rank = int(body.get("tp_rank", 0))
         if "keys" in body:
@@ -128,13 +142,9 @@ async def lookup(request: web.Request) -> web.Response:
             keys = block_keys(body["token_ids"], layout, tp_rank)
         else:
             raise ValueError('give "keys" or "token_ids"')
-    except (ValueError, TypeError, KeyError, LayoutError) as exc:
-        return web.json_response({"error": str(exc)}, status=400)
-    store = daemon.store_for(layout, tp_rank)
-    blocks = store.match_prefix(keys)
-    return web.json_response(
-        {"cached_blocks": blocks, "cached_tokens": blocks * layout.block_tokens}
-    )
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"lookup: {exc!r}") from exc
+    return daemon.store_for(layout, tp_rank).match_prefix(keys) * layout.block_tokens
 
 
 def make_app(daemon: Daemon) -> web.Application:
