@@ -198,3 +198,29 @@ async def test_route_takes_the_local_prefix_from_the_store(
     with urllib.request.urlopen(req, timeout=30) as resp:
         decision = json.loads(resp.read())
     assert decision["incremental_tokens"] == 1600 - 100 * 16, decision  # 100 blocks held
+
+
+@pytest.mark.parametrize("bad_layer", [0, 1])  # a full-attention layer, the linear state
+async def test_layers_that_do_not_fit_the_model_are_refused(
+    pair: tuple[DaemonProcess, ...], bad_layer: int
+) -> None:
+    """A layer of the wrong size (paged KV, or a linear state of the wrong shape) for the
+    model the manifest names: LAYOUT_MISMATCH before anything is stored."""
+    a, b = pair
+    tokens = np.random.default_rng(6).integers(0, 50000, 256, dtype=np.uint32)
+    layers = kv_for(tokens)
+    layers[bad_layer] = np.zeros(layers[bad_layer].nbytes + BLOCK, dtype=np.uint8)
+    stored_before = b.metric("kvship_store_bytes")
+    client = Client(a.socket_path, chunk_bytes=2 * BLOCK)
+    conn = await client._connect("send", client.arena_bytes)
+    manifest = Manifest(MODEL, 0, tuple(block_keys(tokens, MODEL)))
+    sender = Sender(
+        conn, f"misfit-{bad_layer}", layout_of(layers), b.peer, tokens.tolist(), 2 * BLOCK, 0,
+        extra={"dedup": manifest.to_extra()}, chunk_multiple=BLOCK,
+    )  # fmt: skip
+    with pytest.raises(TransferError) as info:
+        for i, layer in enumerate(layers):
+            await sender.put(i, layer)
+        await sender.finish(timeout=30)
+    assert info.value.code == ErrorCode.LAYOUT_MISMATCH, info.value
+    assert b.metric("kvship_store_bytes") == stored_before
