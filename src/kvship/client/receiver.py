@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IntegrityError, TransferError, error_for
-from ..layout import as_array, resolve_dtype
+from ..layout import as_array
 from ..protocol import (
     Abort,
     Chunk,
@@ -115,7 +115,7 @@ class Receiver:
                     if self._pending[layer] == 0:
                         raw = self._inline.pop(layer)
                         delivered += 1
-                        yield layer, _typed(raw, self.layout[layer])
+                        yield layer, as_array(memoryview(raw), self.layout[layer])
                 elif isinstance(frame, Complete):
                     if delivered != len(self.layout):
                         raise error_for(ErrorCode.PROTOCOL_ERROR, "COMPLETE before every layer")
@@ -140,13 +140,6 @@ class Receiver:
 
     def close(self) -> None:
         self._conn.done(clean=self.complete)
-
-
-def _typed(raw: np.ndarray, spec: Any) -> np.ndarray:
-    dt = resolve_dtype(spec.dtype)
-    if dt == np.uint8 and spec.dtype != "uint8":
-        return raw
-    return raw.view(dt).reshape(spec.shape)
 
 
 async def open_receiver(

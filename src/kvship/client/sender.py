@@ -134,16 +134,17 @@ class Sender:
     async def _put_shm(self, layer: int, array: Any) -> None:
         conn, proto = self._conn, self._conn.proto
         assert conn.arena is not None and proto is not None
-        src = array if is_device_array(array) else np.ascontiguousarray(array)
-        flat = src.reshape(-1).view(np.uint8) if not is_device_array(src) else src
+        device = is_device_array(array)
+        src = array if device else np.ascontiguousarray(array)
+        flat = src.reshape(-1).view(np.uint8)  # CuPy's reshape makes it contiguous too
         size = self.chunk_bytes
         for index in self._chunks(layer):
             offset = (index - self._starts[layer]) * size
             length = min(size, self.layout[layer].nbytes - offset)
             slot = await conn.allocate(length)
             dst = conn.arena.view(slot, length)
-            if is_device_array(flat):  # pragma: no cover - GPU only
-                copy_to_host(flat.reshape(-1).view("uint8")[offset : offset + length], dst)
+            if device:  # pragma: no cover - GPU only
+                copy_to_host(flat[offset : offset + length], dst)
             else:
                 dst[:] = flat[offset : offset + length].data
             checksum = chunk_checksum(dst)

@@ -18,7 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..aio import FramedProtocol, spawn
-from ..layout.dedup import DedupError
+from ..layout.dedup import DedupError, skipped_bytes
 from ..protocol import (
     CODEC_RAW,
     Abort,
@@ -116,9 +116,7 @@ class IncomingTransfer:
             self.pending[layer] -= len(chunks)
             if self.pending[layer] == 0:
                 self.ready.append(layer)
-        self.record.skipped_bytes = sum(
-            min(held.prefix_bytes(layer), self.layers[layer].nbytes) for layer in held.skip
-        )
+        self.record.skipped_bytes = skipped_bytes(self.layers, held.skip, held.chunk_size)
         conn.send(Have(self.id, held.blocks, held.states))
         self.changed.set()
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..aio import FramedProtocol, spawn
-from ..layout.dedup import DedupError, Manifest, skipped_chunks
+from ..layout.dedup import DedupError, Manifest, skipped_bytes, skipped_chunks
 from ..protocol import (
     CAP_DEDUP,
     CODEC_RAW,
@@ -30,7 +30,6 @@ from ..protocol import (
     Have,
     Open,
     chunk_checksum,
-    chunk_table,
     digest_of_checksums,
 )
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
@@ -153,15 +152,7 @@ class OutgoingTransfer:
             plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks, have.states
         )
         self.skip = {i for chunks in skip.values() for i in chunks}
-        self.record.skipped_bytes = sum(
-            min(self.opened.chunk_size, self._chunk_bytes(i)) for i in self.skip
-        )
-
-    def _chunk_bytes(self, index: int) -> int:
-        starts = chunk_table(self.opened.layers, self.opened.chunk_size)
-        layer = next(i for i in range(len(starts) - 1) if starts[i] <= index < starts[i + 1])
-        offset = (index - starts[layer]) * self.opened.chunk_size
-        return min(self.opened.chunk_size, self.opened.layers[layer].nbytes - offset)
+        self.record.skipped_bytes = skipped_bytes(self.opened.layers, skip, self.opened.chunk_size)
 
     def on_have(self, frame: Have) -> None:
         if not self.have.done():

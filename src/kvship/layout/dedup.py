@@ -66,6 +66,11 @@ class Manifest:
                 raise DedupError(f"chunk_size {chunk_size} is not whole blocks of layer {i}")
 
 
+def skipped_bytes(layers: Sequence[LayerSpec], skip: dict[int, list[int]], chunk_size: int) -> int:
+    """Bytes the skipped chunks hold: whole chunks, except a linear layer's short last one."""
+    return sum(min(len(chunks) * chunk_size, layers[i].nbytes) for i, chunks in skip.items())
+
+
 def skipped_chunks(
     layout: ModelLayout,
     layers: Sequence[LayerSpec],
