@@ -30,4 +30,4 @@ vectors: $(STAMP)
 	$(BIN)/python tools/make_vectors.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
