@@ -8,14 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvship.layout import FullAttention, LinearState, ModelLayout, block_keys, full_prefix_key
-from kvship.layout.prefix import namespace
+from kvship.layout import FullAttention, LinearState, ModelLayout, block_keys
 from kvship.store import (
     BlockStore,
-    KeyMismatch,
+    ByteBudget,
     LayoutMismatch,
-    Manifest,
-    MissingBlock,
     SizeMismatch,
     StateShapeError,
     StoreError,
@@ -33,7 +30,8 @@ STATE = LIN.state_bytes  # 20
 
 
 def snapshot(store: BlockStore) -> tuple:
-    return (dict(store._data), list(store._lru), dict(store._pins), store.used_bytes)
+    lru = [entry for owner, entry in store.budget._lru if owner is store]
+    return (dict(store._data), lru, dict(store._pins), store.used_bytes)
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -125,8 +123,10 @@ class StoreMachine(RuleBasedStateMachine):
         s = self.store
         assert s.used_bytes <= s.capacity
         assert s.used_bytes == sum(len(d) for d in s._data.values())
-        assert s._lru_bytes == sum(len(s._data[e]) for e in s._lru)
-        assert set(s._lru) == {e for e in s._data if e[1] not in s._pins}
+        lru = {entry: size for (owner, entry), size in s.budget._lru.items() if owner is s}
+        assert s._lru_bytes == s.budget.lru_bytes == sum(len(s._data[e]) for e in lru)
+        assert set(lru) == {e for e in s._data if e[1] not in s._pins}
+        assert all(size == len(s._data[e]) for e, size in lru.items())
         assert self.must_keep <= set(s._data), "a pinned entry was evicted"
         st_ = s.stats()
         assert st_["bytes"] == s.used_bytes and st_["pinned"] == sum(
@@ -187,75 +187,25 @@ def _tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 50_000, n)
 
 
-def _manifest(tokens: np.ndarray, **kw: object) -> Manifest:
-    keys = block_keys(tokens, TINY)
-    blocks = {layer: [bytes([i]) * BLOCK for i in range(len(keys))] for layer in (1, 3)}
-    states = {0: b"\x01" * STATE, 2: [np.ones((2, 3), np.float16), np.ones(4, np.float16)]}
-    args = {"namespace": namespace(TINY), "token_ids": tokens, "keys": keys}
-    args.update(blocks=blocks, states=states)
-    args.update(kw)
-    return Manifest(**args)  # type: ignore[arg-type]
-
-
-def test_admit_then_match_and_exact_states() -> None:
-    store = BlockStore(10_000, TINY)
-    t = _tokens(4 * 5 + 3)
-    m = _manifest(t)
-    done = store.admit(m)
-    assert done.stored == 5 * 2 + 2
-    keys = block_keys(t, TINY)
-    assert store.match_prefix(keys) == 5
-    assert store.match_prefix(block_keys(_tokens(4 * 5, seed=9), TINY)) == 0
-    longer = np.concatenate([t[:20], _tokens(8, seed=4)])
-    assert store.match_prefix(block_keys(longer, TINY)) == 5  # a shared prefix is reused
-    assert store.get_state(done.state_key, 0) == b"\x01" * STATE
-    assert done.state_key == full_prefix_key(t, TINY)
-    # States are matched only for exactly the same prompt, never for a prefix or extension.
-    for other in (t[:-1], np.concatenate([t, [1]]), t[:20]):
-        assert store.get_state(full_prefix_key(other, TINY), 0) is None
-    # A second request with the same prefix may skip the held blocks (dedup).
-    again = _manifest(t)
-    again.blocks = {1: [None] * 5, 3: [None] * 5}
-    assert store.admit(again).stored == 0
-
-
-@pytest.mark.parametrize(
-    ("change", "error"),
-    [
-        (lambda m: setattr(m, "namespace", namespace(TINY, 1)), LayoutMismatch),
-        (lambda m: m.token_ids.__setitem__(5, m.token_ids[5] + 1), KeyMismatch),
-        (lambda m: setattr(m, "keys", m.keys[:-1]), KeyMismatch),
-        (lambda m: setattr(m, "state_key", b"\0" * 16), KeyMismatch),
-        (lambda m: m.states.__setitem__(0, b"\0" * (STATE - 2)), StateShapeError),
-        (lambda m: m.states.__setitem__(2, [np.ones((3, 2), np.float16)] * 2), StateShapeError),
-        (lambda m: m.states.__setitem__(2, [np.ones((2, 3)), np.ones(4)]), StateShapeError),
-        (lambda m: m.states.__setitem__(1, b"\0" * STATE), LayoutMismatch),
-        (lambda m: m.blocks.__setitem__(0, [b"\0" * BLOCK] * 5), LayoutMismatch),
-        (lambda m: m.blocks[1].__setitem__(4, b"\0" * (BLOCK + 1)), SizeMismatch),
-        (lambda m: m.blocks[3].__setitem__(2, None), MissingBlock),
-        (lambda m: m.blocks.__setitem__(3, m.blocks[3][:4]), SizeMismatch),
-    ],
-)
-def test_bad_manifests_change_nothing(change, error) -> None:
-    store = BlockStore(10_000, TINY)
-    store.admit(_manifest(_tokens(4 * 3, seed=7)))
-    store.pin([block_keys(_tokens(4 * 3, seed=7), TINY)[0]])
-    before = snapshot(store)
-    m = _manifest(_tokens(4 * 5 + 3))
-    change(m)
-    with pytest.raises(error):
-        store.admit(m)
-    assert snapshot(store) == before
-
-
-def test_admit_refused_when_full_changes_nothing() -> None:
-    t = _tokens(4 * 5)
-    store = BlockStore(BLOCK * 4, TINY)  # room for 4 blocks; the request needs 10 + states
-    store.put(block_keys(_tokens(4, seed=3), TINY)[0], 1, b"\0" * BLOCK)
-    before = snapshot(store)
-    with pytest.raises(StoreFull):
-        store.admit(_manifest(t))
-    assert snapshot(store) == before
+def test_stores_share_one_budget_and_one_lru() -> None:
+    """Two models' stores draw on one byte bound: an idle model's old blocks make room
+    for a busy one's (the daemon no longer splits store_bytes into fixed quarters)."""
+    other = ModelLayout("other", "org/other", (FULL, FULL))
+    budget = ByteBudget(4 * BLOCK)
+    tiny, second = BlockStore(budget, TINY), BlockStore(budget, other)
+    tiny.put(KEYS[0], 1, b"a" * BLOCK)
+    second.put(KEYS[1], 0, b"b" * BLOCK)
+    for k in KEYS[2:5]:  # three more blocks: the oldest entry (tiny's) goes first
+        second.put(k, 1, b"c" * BLOCK)
+    assert not tiny.has(KEYS[0], 1) and tiny.used_bytes == 0
+    assert second.used_bytes == budget.used == 4 * BLOCK
+    assert tiny.stats()["evictions"] == 1 and tiny.capacity == second.capacity == 4 * BLOCK
+    second.pin(KEYS[1:5])
+    with pytest.raises(StoreFull):  # every byte pinned by the other model: refused
+        tiny.put(KEYS[0], 1, b"a" * BLOCK)
+    assert tiny.stats()["refused"] == 1 and budget.used == 4 * BLOCK
+    budget.drop_store(second)
+    assert budget.used == 0 and budget.lru_bytes == 0
 
 
 def test_single_puts_check_the_layout() -> None:

@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from ..addresses import split_hostport
 from ..protocol import (
     ChunkMeta,
     Connection,
@@ -242,11 +243,3 @@ async def open_connection(
         return proto
 
     return await asyncio.wait_for(connect(), timeout)
-
-
-def split_hostport(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6addr]:port`` -> (host, port), with a clear error otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"address {address!r} is not host:port, [v6]:port or a socket path")
-    return host.strip("[]"), int(port)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..daemon.config import Config
 from ..ratelimit import parse_burst, parse_rate
+from ..units import parse_size
 from .spawn import DaemonProcess
 
 DEFAULT_BURST = Config().peer_burst
@@ -239,15 +240,6 @@ def _cap_figures(rate: str, goodput_Bps: float, runs: list[dict[str, Any]]) -> d
         "max_1s_window_bytes": max(r["max_1s_window_bytes"] for r in runs),
         "rate_plus_burst_bytes": int(cap + parse_burst(DEFAULT_BURST)),
     }
-
-
-def parse_size(text: str) -> int:
-    """``1GiB``, ``512MiB``, ``4g``, ``1000000`` -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def add_bench_parser(sub: Any) -> None:

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from ..aio.framed import split_hostport
-from ..bench.run import parse_size
+from ..addresses import split_hostport
+from ..units import parse_size
 
 T = TypeVar("T")
 

@@ -1,82 +1,111 @@
-"""Control plane (aiohttp): health, Prometheus metrics and the transfer list, for ops."""
+"""Control plane (aiohttp): health, Prometheus metrics, transfers, links, routing and
+prefix look-ups, for ops and schedulers.
+
+It sees the daemon through a narrow :class:`ControlView`, and never runs heavy work on
+the daemon's loop: the planner behind /v1/route is built, and prompts are hashed, in a
+worker thread.
+"""
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
-from ..aio.framed import split_hostport
+from ..addresses import split_hostport
+from ..layout.model import ModelLayout
 from ..ratelimit import RateError, format_rate, parse_burst, parse_rate
+from .links import LinkPool
+from .metrics import Metrics
+from .registry import TransferRegistry
+from .stores import StoreSet
 
-if TYPE_CHECKING:
-    from .server import Daemon
 
-DAEMON_KEY: web.AppKey[Daemon] = web.AppKey("daemon")
+@dataclass(frozen=True)
+class ControlView:
+    """What the control plane may read and change of a daemon."""
+
+    health: Callable[[], dict[str, Any]]  # {"status": "ok" | "draining", ...}
+    metrics: Metrics
+    registry: TransferRegistry
+    links: LinkPool
+    stores: StoreSet
+
+
+VIEW_KEY: web.AppKey[ControlView] = web.AppKey("view")
 ROUTER_KEY: web.AppKey[Any] = web.AppKey("router")  # a kvship.router.Router, made lazily
+ROUTER_LOCK_KEY: web.AppKey[asyncio.Lock] = web.AppKey("router_lock")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON_KEY]
-    status = "draining" if daemon.draining else "ok"
-    return web.json_response(
-        {
-            "status": status,
-            "node": daemon.config.node_name,
-            "version": __version__,
-            "uptime_s": round(time.time() - daemon.started, 3),
-            "addresses": daemon.addresses,
-        },
-        status=503 if daemon.draining else 200,
-    )
+    health = {**request.app[VIEW_KEY].health(), "version": __version__}
+    return web.json_response(health, status=503 if health["status"] == "draining" else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[DAEMON_KEY].metrics.render()
+    body = request.app[VIEW_KEY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def transfers(request: web.Request) -> web.Response:
-    return web.json_response({"transfers": request.app[DAEMON_KEY].transfers_json()})
+    return web.json_response({"transfers": request.app[VIEW_KEY].registry.to_json()})
 
 
 async def transfer(request: web.Request) -> web.Response:
     wanted = request.match_info["transfer_id"]
-    for item in request.app[DAEMON_KEY].transfers_json():
+    for item in request.app[VIEW_KEY].registry.to_json():
         if item["transfer_id"] == wanted or item["request_id"] == wanted:
             return web.json_response(item)
     return web.json_response({"error": f"no transfer {wanted!r}"}, status=404)
 
 
 async def links(request: web.Request) -> web.Response:
-    return web.json_response({"links": request.app[DAEMON_KEY].links_json()})
+    return web.json_response({"links": request.app[VIEW_KEY].links.to_json()})
 
 
 async def put_link(request: web.Request) -> web.Response:
     """Change one peer link's rate limit at run time: {"rate": "1gbit", "burst": "16MiB"}.
 
     Running transfers keep going at the new rate. A bad value changes nothing (400)."""
-    daemon = request.app[DAEMON_KEY]
+    pool = request.app[VIEW_KEY].links
     peer = request.match_info["peer"]
     try:
         split_hostport(peer)
         body = await request.json()
         if not isinstance(body, dict) or not {"rate", "burst"} >= set(body) or not body:
             raise ValueError('body must be a JSON object with "rate" and/or "burst"')
-        rate, burst = daemon.limits_for(peer)
+        rate, burst = pool.limits_for(peer)
         if "rate" in body:
             rate = parse_rate(str(body["rate"]), "rate")
         if "burst" in body:
             burst = parse_burst(str(body["burst"]), "burst")
-        daemon.set_link_limits(peer, rate, burst)
+        pool.set_limits(peer, rate, burst)
     except (ValueError, RateError) as exc:  # json errors are ValueErrors too
         return web.json_response({"error": str(exc)}, status=400)
-    link = daemon.links.get(peer)
-    figures = link.figures_json() if link is not None else {"peer": peer, "connected": False}
+    figures = pool.figures(peer) or {"peer": peer, "connected": False}
     return web.json_response({**figures, "rate_limit": format_rate(rate), "burst_bytes": burst})
+
+
+def _load_router() -> Any:
+    """Import and build the planned router (~0.4 s of CPU: run in a worker thread)."""
+    from ..router.scenario import planned_router
+
+    return planned_router()
+
+
+async def _router(app: web.Application) -> Any:
+    router = app.get(ROUTER_KEY)
+    if router is None:
+        async with app[ROUTER_LOCK_KEY]:
+            router = app.get(ROUTER_KEY)
+            if router is None:
+                router = app[ROUTER_KEY] = await asyncio.to_thread(_load_router)
+    return router
 
 
 async def route(request: web.Request) -> web.Response:
@@ -85,21 +114,17 @@ async def route(request: web.Request) -> web.Response:
     remote_cached_tokens, peer, remote {queue_depth}. No link yet -> local, and says why.
     With token_ids and a model but no local_cached_tokens, the local prefix is this
     daemon's own block store's (the same answer as POST /v1/lookup)."""
-    from ..router.policy import RouteError  # the planner loads on first use, not at start
-    from ..router.scenario import planned_router
+    view = request.app[VIEW_KEY]
+    router = await _router(request.app)
+    from ..router.policy import RouteError  # loaded with the router, in the worker
 
-    daemon = request.app[DAEMON_KEY]
     try:
         body = await request.json()
         if not isinstance(body, dict):
             raise RouteError("body: must be a JSON object")
         if "local_cached_tokens" not in body and "model" in body and "token_ids" in body:
-            body["local_cached_tokens"] = _cached_tokens(daemon, body)
-        link = daemon.links.get(str(body.get("peer", "")))
-        figures = link.figures_json() if link is not None else None
-        router = request.app.get(ROUTER_KEY)
-        if router is None:
-            router = request.app[ROUTER_KEY] = planned_router()
+            body["local_cached_tokens"] = await _cached_tokens(view.stores, body)
+        figures = view.links.figures(str(body.get("peer", "")))
         decision = router.decide_dict({**body, "link": figures})
     except (ValueError, RouteError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
@@ -111,22 +136,21 @@ async def lookup(request: web.Request) -> web.Response:
 
     Body: {"model": <layout dict> or "<preset name>", "tp_rank": 0, and either "keys": [hex
     block keys] (hashed once by the caller: the look-up is then a set walk) or "token_ids"}.
+    Read-only: a model with no store here has 0 tokens cached, and no store is made.
     """
-
     try:
         body = await request.json()
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object")
-        tokens = _cached_tokens(request.app[DAEMON_KEY], body)
+        tokens = await _cached_tokens(request.app[VIEW_KEY].stores, body)
     except ValueError as exc:  # LayoutError is a ValueError too
         return web.json_response({"error": str(exc)}, status=400)
     return web.json_response({"cached_tokens": tokens})
 
 
-def _cached_tokens(daemon: Daemon, body: dict[str, Any]) -> int:
-    """Leading tokens of the prompt whose KV the block store holds (ValueError if the body
-    does not say which model, or which prompt)."""
-    from ..layout.model import ModelLayout
+def _prompt_keys(body: dict[str, Any]) -> tuple[ModelLayout, int, list[bytes]]:
+    """The model, tp rank and block keys a look-up body names (ValueError if it does not
+    say which model, or which prompt). Hashes token ids: run it in a worker thread."""
     from ..layout.prefix import block_keys
     from ..layout.presets import preset
 
@@ -144,12 +168,19 @@ def _cached_tokens(daemon: Daemon, body: dict[str, Any]) -> int:
             raise ValueError('give "keys" or "token_ids"')
     except (TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"lookup: {exc!r}") from exc
-    return daemon.store_for(layout, tp_rank).match_prefix(keys) * layout.block_tokens
+    return layout, tp_rank, keys
 
 
-def make_app(daemon: Daemon) -> web.Application:
+async def _cached_tokens(stores: StoreSet, body: dict[str, Any]) -> int:
+    """Leading tokens of the prompt whose KV the block stores hold."""
+    layout, tp_rank, keys = await asyncio.to_thread(_prompt_keys, body)
+    return stores.cached_blocks(layout, tp_rank, keys) * layout.block_tokens
+
+
+def make_app(view: ControlView) -> web.Application:
     app = web.Application()
-    app[DAEMON_KEY] = daemon
+    app[VIEW_KEY] = view
+    app[ROUTER_LOCK_KEY] = asyncio.Lock()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/transfers", transfers)

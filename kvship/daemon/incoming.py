@@ -1,11 +1,16 @@
 """The receiving side: a transfer arriving from a peer, reassembled and handed to an engine.
 
-Every stripe's chunks land, by index, either straight in the subscribed engine's arena
-(the layer's region is reserved when its first chunk arrives) or, when no engine is
-attached yet or its arena is full, in daemon memory bounded by ``staging_bytes``: past
-that bound the daemon stops granting credit, so the sender waits instead of the daemon
-growing. A layer is handed to the engine only when all its chunks are in and verified,
-and the transfer is acknowledged (COMPLETE) only when the whole-transfer digest matches.
+Every stripe's chunks land, by index, either straight in the claiming engine's arena (the
+layer's region is reserved when its first chunk arrives) or, when no engine is attached yet
+or its arena is full, in daemon memory bounded by the staging budget: past that bound the
+daemon stops granting credit, so the sender waits instead of the daemon growing. A layer is
+handed to the engine only when all its chunks are in and verified, and the transfer is
+acknowledged (COMPLETE) only when the whole-transfer digest matches.
+
+The delivery side (:mod:`kvship.daemon.delivery`) uses only the *delivery API* below
+(``attach``, ``ready_layers``, ``take_region``, ``held_chunks``, ``layer_delivered``,
+``fill_from_store``, ``wait_changed``, ``mark_delivered``, ``fail``); it never edits a
+transfer's fields.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, skipped_bytes
@@ -28,6 +35,7 @@ from ..protocol import (
     End,
     ErrorCode,
     Have,
+    LayerSpec,
     Open,
     ProtocolError,
     TransferDigest,
@@ -35,41 +43,67 @@ from ..protocol import (
     chunk_table,
 )
 from ..store import StoreError
-from .dedup import HeldPrefix
-from .records import TransferRecord
-
-if TYPE_CHECKING:
-    from .engine_api import Subscription
-    from .server import Daemon
+from .budget import StagingBudget
+from .codecpool import CodecPool
+from .dedup import HeldPrefix, verify_manifest
+from .metrics import Metrics
+from .records import TransferRecord, TransferState
+from .stores import StoreSet
 
 log = logging.getLogger("kvship.in")
 
 
+class Destination(Protocol):
+    """Where a claimed transfer's layers go: an engine's arena, as a delivery sees it."""
+
+    @property
+    def active(self) -> bool:
+        """False once the delivery ended (a transfer it left unfinished is an orphan)."""
+        ...
+
+    def reserve(self, nbytes: int) -> int | None: ...
+
+    def view(self, offset: int, length: int) -> memoryview: ...
+
+
+@dataclass(frozen=True)
+class ReceiveContext:
+    """What every incoming transfer of a daemon shares: its memory bound, its codec
+    workers, its metrics, its block stores, and the registry's callbacks."""
+
+    budget: StagingBudget
+    codecs: CodecPool
+    metrics: Metrics
+    stores: StoreSet
+    on_received: Callable[[IncomingTransfer], None]
+    on_finished: Callable[[IncomingTransfer, bool], None]  # (transfer, was still open)
+
+
 class IncomingTransfer:
-    def __init__(self, daemon: Daemon, opened: Open, peer: str) -> None:
-        self.daemon = daemon
+    def __init__(self, ctx: ReceiveContext, opened: Open, peer: str) -> None:
+        self.ctx = ctx
         self.opened = opened
         self.id = opened.transfer_id
         self.request_id = opened.request_id
-        self.layers = opened.layers
+        self.layers: tuple[LayerSpec, ...] = opened.layers
         self.starts = chunk_table(opened.layers, opened.chunk_size)
         self.n_stripes = opened.n_stripes
         self.stripe_conns: dict[int, FramedProtocol] = {}
         self.ends: dict[int, End] = {}
         self.digest = TransferDigest(opened.n_chunks)
         self.pending = [self.starts[i + 1] - self.starts[i] for i in range(len(self.layers))]
-        # The arena region reserved for each layer in the subscribed engine's arena. Chunks
+        # The arena region reserved for each layer in the claiming engine's arena. Chunks
         # that arrive before a region could be reserved wait in daemon memory (``held``) and
         # are copied into the region before the layer is handed over.
         self.regions: dict[int, int] = {}
         self.held: dict[int, list[tuple[int, bytearray]]] = {}  # layer -> chunks in memory
         self.decoding = 0  # coded chunks being decoded in the codec pool
+        self.negotiating = False  # the dedup manifest is being checked (worker thread)
         self.held_prefix: HeldPrefix | None = None  # what dedup supplies from the store
         self.ready: deque[int] = deque(i for i, n in enumerate(self.pending) if n == 0)
-        self.subscriber: Subscription | None = None
-        self.state = "receiving"  # receiving | received | delivered | failed
+        self.destination_of: Destination | None = None
         self.error: tuple[ErrorCode, str] | None = None
-        self.changed = asyncio.Event()  # wakes the subscriber's delivery task
+        self.changed = asyncio.Event()  # wakes the delivery
         self.last_activity = time.monotonic()
         self.record = TransferRecord(
             self.id,
@@ -80,6 +114,10 @@ class IncomingTransfer:
             opened.n_chunks,
             len(opened.layers),
         )
+
+    @property
+    def state(self) -> TransferState:
+        return self.record.state
 
     # ------------------------------------------------------------ peer side
     def add_stripe(self, conn: FramedProtocol, opened: Open) -> None:
@@ -95,21 +133,39 @@ class IncomingTransfer:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"stripe {opened.stripe} opened twice")
         self.stripe_conns[opened.stripe] = conn
 
-    def negotiate_dedup(self, conn: FramedProtocol) -> None:
-        """Answer the sender's manifest with HAVE; the chunks it covers count as arrived
-        (checksum slot 0, as the sender counts them) and are filled in at delivery."""
+    def start_dedup(self, conn: FramedProtocol) -> None:
+        """The sender's manifest: checked in a worker (it hashes the whole prompt), then
+        answered with HAVE. Chunks are not expected before HAVE (the sender waits for it)."""
+        self.negotiating = True
+        spawn(self._negotiate_dedup(conn), f"dedup-{self.id:x}")
+
+    async def _negotiate_dedup(self, conn: FramedProtocol) -> None:
+        opened = self.opened
         try:
-            self.held_prefix = HeldPrefix.negotiate(
-                self.daemon.store_for,
-                self.opened.extra["dedup"],
-                self.layers,
-                self.opened.token_ids,
-                self.opened.chunk_size,
-            )
+            verified = await asyncio.to_thread(
+                verify_manifest, opened.extra["dedup"], self.layers, opened.token_ids,
+                opened.chunk_size,
+            )  # fmt: skip
+            if self.state is not TransferState.OPEN:
+                return
+            manifest = verified.manifest
+            store = self.ctx.stores.for_transfer(manifest.layout, manifest.tp_rank)
+            held = HeldPrefix.hold(store, verified, self.layers, opened.chunk_size)
         except (DedupError, StoreError) as exc:
             self.fail(ErrorCode.LAYOUT_MISMATCH, f"dedup manifest refused: {exc}")
             return
-        held = self.held_prefix
+        finally:
+            self.negotiating = False
+        if self.state is not TransferState.OPEN:
+            held.release()
+            return
+        if self.record.chunks_done or self.decoding:
+            # The sender gave up waiting and sends everything: skip nothing, on both sides.
+            held.release()
+            conn.send(Have(self.id, 0, False))
+            self._maybe_received()
+            return
+        self.held_prefix = held
         for layer, chunks in held.skip.items():
             for index in chunks:
                 self.digest.add(index, 0)
@@ -119,20 +175,21 @@ class IncomingTransfer:
         self.record.skipped_bytes = skipped_bytes(self.layers, held.skip, held.chunk_size)
         conn.send(Have(self.id, held.blocks, held.states))
         self.changed.set()
+        self._maybe_received()
 
     def destination(self, meta: ChunkMeta) -> tuple[memoryview, bool]:
         """Where a chunk's raw bytes go: (buffer, in_arena). The layer's region of the
         engine's arena when there is room, else daemon memory."""
-        sub = self.subscriber
-        if self.state == "receiving" and sub is not None:
+        dest = self.destination_of
+        if self.state is TransferState.OPEN and dest is not None:
             layer = meta.layer
             offset = self.regions.get(layer)
             if offset is None:
-                offset = sub.reserve(self.layers[layer].nbytes)
+                offset = dest.reserve(self.layers[layer].nbytes)
                 if offset is not None:
                     self.regions[layer] = offset
             if offset is not None:
-                return sub.view(offset + meta.offset, meta.raw_length), True
+                return dest.view(offset + meta.offset, meta.raw_length), True
         return memoryview(bytearray(meta.raw_length)), False
 
     def sink(self, meta: ChunkMeta, wire_length: int) -> tuple[memoryview, bool]:
@@ -144,7 +201,7 @@ class IncomingTransfer:
 
     def on_chunk(self, conn: FramedProtocol, chunk: Chunk, in_arena: bool) -> None:
         meta, data = chunk.meta, chunk.data
-        if self.state != "receiving":  # a failed transfer: bytes are read and dropped
+        if self.state is not TransferState.OPEN:  # failed: bytes are read and dropped
             conn.grant(len(data))
             return
         if meta.codec != CODEC_RAW:
@@ -166,16 +223,14 @@ class IncomingTransfer:
         try:
             out, in_arena = self.destination(meta)
             try:
-                await self.daemon.codecs.decode(
-                    meta.codec, wire, meta.raw_length, meta.checksum, out
-                )
+                await self.ctx.codecs.decode(meta.codec, wire, meta.raw_length, meta.checksum, out)
             except ProtocolError as exc:
                 self.fail(exc.code, f"chunk {meta.chunk_index}: {exc.message}")
                 conn.fail(exc)  # like a raw checksum mismatch: this connection lied
                 return
         finally:
             self.decoding -= 1
-        if self.state != "receiving":
+        if self.state is not TransferState.OPEN:
             conn.grant(len(wire))
             return
         self._accept(conn, meta, out, in_arena, len(wire))
@@ -186,18 +241,19 @@ class IncomingTransfer:
     ) -> None:
         """A verified chunk is in place: account for it and credit its wire bytes back."""
         n = len(data)
+        metrics = self.ctx.metrics
         self.last_activity = time.monotonic()
         self.digest.add(meta.chunk_index, meta.checksum)
         if in_arena:
             conn.grant(wire)
         else:
             self.held.setdefault(meta.layer, []).append((meta.offset, data.obj))  # type: ignore[arg-type]
-            self.daemon.hold(conn, n, wire)
-            self.daemon.metrics.chunks_staged.inc()
+            self.ctx.budget.hold(conn, n, wire)
+            metrics.chunks_staged.inc()
         self.record.bytes_done += n
         self.record.chunks_done += 1
-        self.daemon.metrics.bytes_received.inc(n)
-        self.daemon.metrics.chunks_received.inc()
+        metrics.bytes_received.inc(n)
+        metrics.chunks_received.inc()
         self.pending[meta.layer] -= 1
         if self.pending[meta.layer] == 0:
             self.ready.append(meta.layer)
@@ -212,7 +268,12 @@ class IncomingTransfer:
 
     def _maybe_received(self) -> None:
         """Every stripe ended and every chunk is decoded: check the digest, acknowledge."""
-        if len(self.ends) < self.n_stripes or self.state != "receiving" or self.decoding:
+        if (
+            len(self.ends) < self.n_stripes
+            or self.state is not TransferState.OPEN
+            or self.decoding
+            or self.negotiating
+        ):
             return
         if not self.digest.complete:
             self.fail(ErrorCode.PROTOCOL_ERROR, "every stripe ended but chunks are missing")
@@ -221,11 +282,11 @@ class IncomingTransfer:
         if any(e.digest != digest for e in self.ends.values()):
             self.fail(ErrorCode.DIGEST_MISMATCH, "whole-transfer digest does not match")
             return
-        self.state = "received"
-        self.record.state = "received"
+        self.record.state = TransferState.RECEIVED
+        self.last_activity = time.monotonic()
         self._to_sender(Complete(self.id, self.opened.total_bytes, digest))
         self.changed.set()
-        self.daemon.transfer_received(self)
+        self.ctx.on_received(self)
 
     def _to_sender(self, frame: Complete | Abort) -> None:
         conns = [self.stripe_conns.get(0), *self.stripe_conns.values()]
@@ -236,44 +297,93 @@ class IncomingTransfer:
                     return
 
     def on_stripe_lost(self, conn: FramedProtocol, error: BaseException | None) -> None:
-        if self.state == "receiving" and conn in self.stripe_conns.values():
+        if self.state is TransferState.OPEN and conn in self.stripe_conns.values():
             self.fail(
                 ErrorCode.PEER_UNREACHABLE,
                 f"a stripe's connection closed: {error}",
                 tell_sender=False,
             )
 
+    # ------------------------------------------------------- delivery API
+    @property
+    def claimable(self) -> bool:
+        """Nobody claimed it, and it has not failed or been delivered."""
+        return self.destination_of is None and not self.state.finished
+
+    @property
+    def being_delivered(self) -> bool:
+        """A live delivery holds it (the reaper leaves it alone)."""
+        return self.destination_of is not None and self.destination_of.active
+
+    def attach(self, destination: Destination) -> None:
+        """An engine claimed the transfer: chunks from now on may land in its arena."""
+        self.destination_of = destination
+        self.last_activity = time.monotonic()
+        self.changed.set()
+
+    def ready_layers(self) -> list[int]:
+        """Layers whose every chunk is in (or comes from the store), not yet delivered."""
+        return list(self.ready)
+
+    def take_region(self, layer: int) -> int | None:
+        """The arena region chunks of ``layer`` were placed in, if any (now the caller's)."""
+        return self.regions.pop(layer, None)
+
+    def held_chunks(self, layer: int) -> list[tuple[int, bytearray]]:
+        """(offset, bytes) of the chunks of ``layer`` that wait in daemon memory."""
+        return sorted(self.held.get(layer, []), key=lambda item: item[0])
+
+    @property
+    def dedup(self) -> bool:
+        return self.held_prefix is not None
+
+    def fill_from_store(self, layer: int, view: memoryview) -> None:
+        """Dedup: put the stored prefix into the layer's buffer, and keep its new blocks
+        for the next request with this prefix."""
+        if self.held_prefix is not None:
+            self.held_prefix.fill(layer, view)
+            self.held_prefix.remember(layer, view)
+
+    def layer_delivered(self, layer: int) -> None:
+        """The engine has ``layer``: its daemon-memory chunks are freed."""
+        self.ready.remove(layer)
+        self.last_activity = time.monotonic()
+        self._release_layer(layer)
+
+    async def wait_changed(self) -> None:
+        await self.changed.wait()
+        self.changed.clear()
+
+    def wake(self) -> None:
+        self.changed.set()
+
+    def mark_delivered(self) -> None:
+        if self.held_prefix is not None:
+            self.held_prefix.release()
+        self.record.finish(TransferState.COMPLETE)
+        self.ctx.on_finished(self, False)
+
     # -------------------------------------------------------------- endings
     def fail(self, code: ErrorCode, message: str, *, tell_sender: bool = True) -> None:
-        if self.state in ("failed", "delivered"):
+        if self.state.finished:
             return
+        was_open = self.state is TransferState.OPEN
         log.warning(
             "incoming transfer %x (%s) failed: %s %s", self.id, self.request_id, code.name, message
         )
-        if tell_sender and self.state == "receiving":
+        if tell_sender and was_open:
             self._to_sender(Abort(self.id, int(code), message))
         for conn in self.stripe_conns.values():
             conn.conn.forget(self.id)  # chunks already in flight get dropped quietly
-        self.state = "failed"
         self.error = (code, message)
         if self.held_prefix is not None:
             self.held_prefix.release()
-        self.free_held()
-        self.record.finish("failed", f"{code.name}: {message}")
-        self.changed.set()
-        self.daemon.transfer_finished(self.record, self)
-
-    def delivered(self) -> None:
-        if self.held_prefix is not None:
-            self.held_prefix.release()
-        self.state = "delivered"
-        self.record.finish("complete")
-        self.daemon.transfer_finished(self.record, self)
-
-    def free_held(self) -> None:
         for layer in list(self.held):
-            self.release_layer(layer)
+            self._release_layer(layer)
+        self.record.finish(TransferState.FAILED, f"{code.name}: {message}")
+        self.changed.set()
+        self.ctx.on_finished(self, was_open)
 
-    def release_layer(self, layer: int) -> None:
+    def _release_layer(self, layer: int) -> None:
         chunks = self.held.pop(layer, [])
-        self.daemon.unhold(sum(len(buf) for _, buf in chunks))
+        self.ctx.budget.unhold(sum(len(buf) for _, buf in chunks))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..addresses import join_hostport, split_hostport
 from .config import Config, ConfigError, load_config
 from .control import make_app
 from .server import Daemon
@@ -60,23 +62,19 @@ async def serve(
 ) -> int:
     daemon = Daemon(config)
     await daemon.start()
-    runner = web.AppRunner(make_app(daemon), access_log=None)
+    runner = web.AppRunner(make_app(daemon.control_view()), access_log=None)
     await runner.setup()
     if config.control_listen:
-        from ..aio.framed import split_hostport
-
         host, port = split_hostport(config.control_listen)
         site = web.TCPSite(runner, host, port)
         await site.start()
         server = site._server
         if server is not None and server.sockets:
             h, p = server.sockets[0].getsockname()[:2]
-            daemon.addresses["control"] = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+            daemon.addresses["control"] = join_hostport(h, p)
     if ready_file:
         with open(ready_file + ".tmp", "w") as fh:
             json.dump(daemon.addresses, fh)
-        import os
-
         os.replace(ready_file + ".tmp", ready_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -105,6 +105,12 @@ class Metrics:
         )
         self.connections = Gauge(
             "kvship_connections", "Open connections by kind", ["kind"], registry=r
+        )
+        self.loop_lag = Histogram(
+            "kvship_event_loop_lag_seconds",
+            "How late the daemon's event loop ran a 10 ms timer (blocking work shows here)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
         )
 
     def watch_links(self, links: Callable[[], list[dict[str, Any]]]) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, Manifest, skipped_bytes, skipped_chunks
@@ -33,14 +33,14 @@ from ..protocol import (
     digest_of_checksums,
 )
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
-from .records import TransferRecord
+from .codecpool import CodecPool
+from .links import LinkPool
+from .metrics import Metrics
+from .peers import PeerLink
+from .records import TransferRecord, TransferState
 
 HAVE_TIMEOUT_S = 10.0  # a receiver that never answers the manifest: send everything
 PRIORITY_LATENCY = 1  # OPEN.priority: 0 = bulk, 1 = latency (served first on a link)
-
-if TYPE_CHECKING:
-    from .peers import PeerLink
-    from .server import Daemon
 
 log = logging.getLogger("kvship.out")
 
@@ -55,16 +55,26 @@ CHUNK_OVERHEAD = HEADER_SIZE + ChunkMeta.FIXED.size  # bytes a CHUNK frame adds 
 _END = object()
 
 
+@dataclass(frozen=True)
+class SendContext:
+    """What every outgoing transfer of a daemon shares."""
+
+    links: LinkPool
+    codecs: CodecPool
+    metrics: Metrics
+    on_finished: Callable[[OutgoingTransfer], None]  # the registry's
+
+
 class OutgoingTransfer:
     def __init__(
-        self, daemon: Daemon, engine: FramedProtocol, opened: Open, transfer_id: int
+        self, ctx: SendContext, engine: FramedProtocol, opened: Open, transfer_id: int
     ) -> None:
-        self.daemon = daemon
+        self.ctx = ctx
         self.engine = engine
         self.engine_tid = opened.transfer_id
         self.opened = opened
         self.id = transfer_id
-        self.n_stripes = daemon.config.connections_per_peer
+        self.n_stripes = ctx.links.settings.connections
         self.queues: list[asyncio.Queue[tuple[ChunkMeta, memoryview, Release] | object]] = [
             asyncio.Queue() for _ in range(self.n_stripes)
         ]
@@ -79,7 +89,7 @@ class OutgoingTransfer:
         self.have: asyncio.Future[Have] = asyncio.get_running_loop().create_future()
         self.link: PeerLink | None = None
         self.tasks: list[asyncio.Task[None]] = []
-        self.done = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[TransferState] = asyncio.get_running_loop().create_future()
         self.record = TransferRecord(
             transfer_id,
             "out",
@@ -154,6 +164,10 @@ class OutgoingTransfer:
         self.skip = {i for chunks in skip.values() for i in chunks}
         self.record.skipped_bytes = skipped_bytes(self.opened.layers, skip, self.opened.chunk_size)
 
+    @property
+    def queued_chunks(self) -> int:
+        return sum(q.qsize() for q in self.queues)
+
     def on_have(self, frame: Have) -> None:
         if not self.have.done():
             self.have.set_result(frame)
@@ -161,7 +175,7 @@ class OutgoingTransfer:
     # -------------------------------------------------------------- peer side
     async def _run(self) -> None:
         try:
-            self.link = await self.daemon.peer_link(self.opened.peer)
+            self.link = await self.ctx.links.get(self.opened.peer)
         except Exception as exc:
             self.fail(ErrorCode.PEER_UNREACHABLE, f"cannot reach {self.opened.peer}: {exc}")
             return
@@ -193,7 +207,7 @@ class OutgoingTransfer:
         )
 
     async def _stripe(self, index: int, conn: FramedProtocol) -> None:
-        queue, metrics, link = self.queues[index], self.daemon.metrics, self.link
+        queue, metrics, link = self.queues[index], self.ctx.metrics, self.link
         assert link is not None
         sent_bytes = metrics.bytes_sent.labels(self.opened.peer)
         wire_bytes = metrics.wire_bytes_sent.labels(self.opened.peer)
@@ -217,7 +231,7 @@ class OutgoingTransfer:
             raw_length, wire = len(data), data
             codec = link.codec_for(self.opened.layers[meta.layer].dtype)
             if codec != CODEC_RAW:
-                used, coded = await self.daemon.codecs.encode(data, codec)
+                used, coded = await self.ctx.codecs.encode(data, codec)
                 if used != CODEC_RAW:
                     release()  # the coded copy is what travels: the engine gets its slot back
                     release = _nothing
@@ -246,7 +260,7 @@ class OutgoingTransfer:
             return
         with contextlib.suppress(ConnectionError):  # the engine's digest covers every chunk
             self.engine.send(Complete(self.engine_tid, frame.total_bytes, self._digest()))
-        self._finish("complete")
+        self._finish(TransferState.COMPLETE)
 
     def on_peer_abort(self, frame: Abort) -> None:
         code = ErrorCode(frame.code) if frame.code in set(ErrorCode) else ErrorCode.INTERNAL_ERROR
@@ -270,9 +284,9 @@ class OutgoingTransfer:
                 if conn.is_open:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         conn.send(Abort(self.id, int(code), message))
-        self._finish("failed", f"{code.name}: {message}")
+        self._finish(TransferState.FAILED, f"{code.name}: {message}")
 
-    def _finish(self, state: str, error: str = "") -> None:
+    def _finish(self, state: TransferState, error: str = "") -> None:
         self.record.finish(state, error)
         self.done.set_result(state)
         current = asyncio.current_task()
@@ -286,4 +300,4 @@ class OutgoingTransfer:
                     item[2]()  # type: ignore[index]
         if self.link is not None:
             self.link.transfers.pop(self.id, None)
-        self.daemon.transfer_finished(self.record, self)
+        self.ctx.on_finished(self)

@@ -9,7 +9,9 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from ..aio import FramedProtocol, open_connection, spawn
 from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
@@ -29,12 +31,35 @@ from ..protocol import (
     Pong,
 )
 from ..ratelimit import Scheduler, TokenBucket, format_rate
-
-if TYPE_CHECKING:
-    from .outgoing import OutgoingTransfer
-    from .server import Daemon
+from .codecpool import CodecPool
+from .metrics import Metrics
 
 log = logging.getLogger("kvship.peer")
+
+
+class LinkTransfer(Protocol):
+    """What a link needs of the outgoing transfers it carries."""
+
+    @property
+    def queued_bytes(self) -> int: ...
+
+    @property
+    def queued_chunks(self) -> int: ...
+
+    def on_complete(self, frame: Complete) -> None: ...
+
+    def on_peer_abort(self, frame: Abort) -> None: ...
+
+    def on_have(self, frame: Have) -> None: ...
+
+    def fail(self, code: ErrorCode, message: str, *, tell_peer: bool = ...) -> None: ...
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    node_name: str
+    connections: int  # striped TCP connections per link
+    connect_timeout_s: float
 
 
 class LinkFigures:
@@ -112,21 +137,39 @@ def tcp_info(conn: FramedProtocol) -> tuple[float, int] | None:
 
 
 class PeerLink:
-    def __init__(self, daemon: Daemon, address: str) -> None:
-        self.daemon = daemon
+    """N connections to one remote daemon, its rate limit and scheduler, its figures."""
+
+    def __init__(
+        self,
+        address: str,
+        settings: LinkSettings,
+        *,
+        bucket: TokenBucket,
+        egress: TokenBucket,
+        codecs: CodecPool,
+        metrics: Metrics,
+        compression: Callable[[], str],
+        on_dead: Callable[[PeerLink], None],
+    ) -> None:
         self.address = address
+        self.settings = settings
+        self.codecs = codecs
+        self.metrics = metrics
+        self.compression = compression  # the policy now (it changes on reload)
+        self.on_dead = on_dead
         self.conns: list[FramedProtocol] = []
-        self.transfers: dict[int, OutgoingTransfer] = {}
+        self.transfers: dict[int, LinkTransfer] = {}
         self.dead = False
         self.goaway: GoAway | None = None  # why the peer closed, when it said so
         self.figures = LinkFigures()
-        self.bucket = TokenBucket(*daemon.limits_for(address))
-        self.scheduler = Scheduler(self.bucket, daemon.egress, name=address)
+        self.bucket = bucket
+        self.egress = egress
+        self.scheduler = Scheduler(bucket, egress, name=address)
         self.rtt_s: float | None = None  # PING/PONG round trip, smoothed
         self._pinger: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        cfg = self.daemon.config
+        cfg = self.settings
         hello = Hello(ROLE_PEER, cfg.node_name, capabilities=CAP_STRIPING | CAP_CODECS | CAP_DEDUP)
         try:
             self.conns = list(
@@ -139,7 +182,7 @@ class PeerLink:
                             self._on_close,
                             timeout=cfg.connect_timeout_s,
                         )
-                        for _ in range(cfg.connections_per_peer)
+                        for _ in range(cfg.connections)
                     )
                 )
             )
@@ -148,7 +191,7 @@ class PeerLink:
             for conn in self.conns:
                 conn.close()
             raise
-        self.daemon.metrics.connections.labels("peer_out").inc(len(self.conns))
+        self.metrics.connections.labels("peer_out").inc(len(self.conns))
         self._pinger = spawn(self._ping(), f"ping-{self.address}")
         log.info("link to %s up: %d connections", self.address, len(self.conns))
 
@@ -199,7 +242,7 @@ class PeerLink:
 
     @property
     def queued_chunks(self) -> int:
-        return sum(q.qsize() for t in self.transfers.values() for q in t.queues)
+        return sum(t.queued_chunks for t in self.transfers.values())
 
     def codec_for(self, dtype: str) -> int:
         """The codec for the next chunk of a layer of ``dtype``, by the compression policy.
@@ -209,7 +252,7 @@ class PeerLink:
         compress: on a fast or idle link compression would only add CPU time, on a slow
         one it turns spare CPU into more KV per bit.
         """
-        policy = self.daemon.config.compression
+        policy = self.compression()
         if (
             policy == "raw"
             or not self.conns
@@ -220,9 +263,9 @@ class PeerLink:
             return CODEC_ZSTD
         if policy == "split":
             return choose_codec(dtype)
-        pool, fig = self.daemon.codecs, self.figures
+        pool, fig = self.codecs, self.figures
         slow = fig.measured and fig.wire_Bps < 0.25 * pool.workers * pool.encode_Bps
-        capped = not self.bucket.unlimited or not self.daemon.egress.unlimited
+        capped = not self.bucket.unlimited or not self.egress.unlimited
         if capped and self.scheduler.waiting():
             return choose_codec(dtype)  # chunks wait for tokens: the cap binds
         if slow and self.queued_chunks:
@@ -254,13 +297,13 @@ class PeerLink:
             log.warning("peer %s sent GOAWAY %s: %s", self.address, frame.code, frame.message)
 
     def _on_close(self, conn: FramedProtocol, error: BaseException | None) -> None:
-        self.daemon.metrics.connections.labels("peer_out").dec()
+        self.metrics.connections.labels("peer_out").dec()
         if not self.dead:
             self.dead = True
             self.scheduler.close()
             if self._pinger is not None:
                 self._pinger.cancel()
-            self.daemon.forget_link(self)
+            self.on_dead(self)
             for other in self.conns:
                 if other is not conn:
                     other.close()

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class TransferState(StrEnum):
+    """Where a transfer is; the values are what /v1/transfers and /metrics show."""
+
+    OPEN = "open"  # running: chunks still coming (in) or going (out)
+    RECEIVED = "received"  # in: every byte here and verified, not yet handed to an engine
+    COMPLETE = "complete"  # out: the peer acknowledged; in: delivered to an engine
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TransferState.COMPLETE, TransferState.FAILED)
 
 
 @dataclass
@@ -16,7 +30,7 @@ class TransferRecord:
     total_bytes: int
     n_chunks: int
     n_layers: int
-    state: str = "open"  # open | received | complete | failed
+    state: TransferState = TransferState.OPEN
     bytes_done: int = 0
     skipped_bytes: int = 0  # not sent: the receiver held them already (dedup)
     chunks_done: int = 0
@@ -24,7 +38,7 @@ class TransferRecord:
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
-    def finish(self, state: str, error: str = "") -> None:
+    def finish(self, state: TransferState, error: str = "") -> None:
         if self.finished is None:
             self.state, self.error, self.finished = state, error, time.time()
 
@@ -36,7 +50,7 @@ class TransferRecord:
             "direction": self.direction,
             "request_id": self.request_id,
             "peer": self.peer,
-            "state": self.state,
+            "state": str(self.state),
             "total_bytes": self.total_bytes,
             "bytes_done": self.bytes_done,
             "skipped_bytes": self.skipped_bytes,

@@ -1,4 +1,10 @@
-"""The daemon: listeners, the transfer registries, memory accounting and graceful drain."""
+"""The daemon as the composition root: it builds the parts, binds the listeners, answers
+handshakes, hands each connection's frames to the part that owns them, and drains.
+
+The parts know nothing of this object: the registry (transfers), the staging budget, the
+block stores, the link pool, the peer inbox (incoming transfers), engine sessions (sends
+and deliveries) and the control plane each take only what they use.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,12 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Any
 
-from ..aio import FramedProtocol
-from ..aio.framed import split_hostport
-from ..layout.model import ModelLayout
-from ..layout.prefix import namespace
+from ..addresses import join_hostport, split_hostport
+from ..aio import FramedProtocol, spawn
+from ..aio.lag import LoopLag
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
@@ -23,63 +27,65 @@ from ..protocol import (
     CAP_STRIPING,
     ROLE_ENGINE,
     ROLE_PEER,
-    Abort,
-    Chunk,
-    ChunkMeta,
     Connection,
-    End,
     ErrorCode,
     Frame,
     GoAway,
     Hello,
     Limits,
     Open,
-    Ping,
-    Pong,
     ProtocolError,
 )
-from ..ratelimit import TokenBucket, parse_burst, parse_rate
-from ..store import BlockStore
+from .budget import StagingBudget
 from .codecpool import CodecPool
 from .config import MAX_CHUNK, Config
-from .engine_api import EngineSession, Subscription
-from .incoming import IncomingTransfer
+from .control import ControlView
+from .engine_api import EngineSession
+from .inbound import PeerInbox
+from .incoming import ReceiveContext
+from .links import LinkPool
 from .metrics import Metrics
-from .outgoing import OutgoingTransfer
-from .peers import PeerLink
-from .records import TransferRecord
+from .outgoing import OutgoingTransfer, SendContext
+from .registry import TransferRegistry
+from .stores import StoreSet
 
 log = logging.getLogger("kvship.daemon")
 
-HISTORY = 1000  # finished transfers kept for /v1/transfers
-STORES = 4  # model namespaces with a block store at once
+PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.metrics = Metrics()
-        self.egress = TokenBucket(parse_rate(config.egress_rate), parse_burst(config.egress_burst))
-        # Per-peer limits set at run time (PUT /v1/links/{peer}); others use the config's.
-        self.link_limits: dict[str, tuple[float, int]] = {}
-        self.stores: OrderedDict[bytes, BlockStore] = OrderedDict()  # dedup, per model
-        self.metrics.watch_links(self.links_json)
-        self.metrics.watch_store(self.store_stats)
+        self.metrics = metrics = Metrics()
         self.codecs = CodecPool(config.compress_workers, config.compress_level)
         self.limits = Limits(
             max_chunk=min(MAX_CHUNK, config.window_bytes),  # a chunk must fit the window
             max_transfers=config.max_transfers_per_connection,
             initial_window=config.window_bytes,
         )
-        self.links: dict[str, PeerLink] = {}
-        self._link_lock = asyncio.Lock()
-        self.outgoing: dict[int, OutgoingTransfer] = {}
-        self.incoming: dict[int, IncomingTransfer] = {}
-        self.by_request: dict[str, IncomingTransfer] = {}
-        self.waiters: dict[str, list[asyncio.Future[IncomingTransfer]]] = {}
-        self.history: OrderedDict[int, TransferRecord] = OrderedDict()
-        self.staged = 0
-        self.deferred: deque[tuple[FramedProtocol, int]] = deque()
+        self.registry = TransferRegistry(metrics)
+        self.budget = StagingBudget(config.staging_bytes, metrics.staged_bytes)
+        self.stores = StoreSet(config.store_bytes)
+        self.links = LinkPool(config, self.codecs, metrics)
+        self.inbox = PeerInbox(
+            ReceiveContext(
+                self.budget,
+                self.codecs,
+                metrics,
+                self.stores,
+                self.registry.received,
+                self.registry.incoming_finished,
+            ),
+            self.registry,
+            accepting=lambda: not self.draining,
+        )
+        self._send_ctx = SendContext(
+            self.links, self.codecs, metrics, self.registry.outgoing_finished
+        )
+        metrics.watch_links(self.links.to_json)
+        metrics.watch_store(self.stores.stats)
+        self.lag = LoopLag(metrics.loop_lag.observe)
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[FramedProtocol] = set()
         self.draining = False
@@ -109,7 +115,8 @@ class Daemon:
             srv = await loop.create_server(lambda: self._accept("engine_tcp"), host, port)
             self.servers.append(srv)
             self.addresses["engine"] = _bound(srv)
-        self._reaper = asyncio.create_task(self._reap())
+        self._reaper = spawn(self._reap(), "reaper")
+        self.lag.start()
         log.info("kvshipd %s listening: %s", cfg.node_name, self.addresses)
 
     async def drain(self, deadline_s: float | None = None) -> bool:
@@ -118,25 +125,22 @@ class Daemon:
         for srv in self.servers:
             srv.close()
         deadline = time.monotonic() + (deadline_s or self.config.drain_timeout_s)
-        while (self.outgoing or self._receiving()) and time.monotonic() < deadline:
+        while self.registry.running() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return not (self.outgoing or self._receiving())
-
-    def _receiving(self) -> list[IncomingTransfer]:
-        return [t for t in self.incoming.values() if t.state == "receiving"]
+        return not self.registry.running()
 
     async def close(self) -> None:
         self.draining = True
+        self.lag.stop()
         if self._reaper is not None:
             self._reaper.cancel()
         for srv in self.servers:
             srv.close()
-        for transfer in list(self.outgoing.values()):
+        for transfer in list(self.registry.outgoing.values()):
             transfer.fail(ErrorCode.SHUTTING_DOWN, "daemon stopped")
-        for transfer in list(self.incoming.values()):
-            transfer.fail(ErrorCode.SHUTTING_DOWN, "daemon stopped")
-        for link in list(self.links.values()):
-            link.close()
+        for incoming in list(self.registry.incoming.values()):
+            incoming.fail(ErrorCode.SHUTTING_DOWN, "daemon stopped")
+        self.links.close()
         for conn in list(self.connections):
             with contextlib.suppress(Exception):
                 conn.write(GoAway(int(ErrorCode.SHUTTING_DOWN), "daemon stopped").encode())
@@ -147,26 +151,71 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.engine_socket)
 
+    def reload(self, config: Config) -> None:
+        """SIGHUP: apply the new file's rate limits and compression (validated before
+        anything changes)."""
+        self.links.reload(config)
+        self.config = replace(
+            self.config,
+            egress_rate=config.egress_rate,
+            egress_burst=config.egress_burst,
+            peer_rate=config.peer_rate,
+            peer_burst=config.peer_burst,
+            compression=config.compression,
+        )
+        log.info(
+            "reloaded: peer %s, egress %s, compression %s",
+            config.peer_rate,
+            config.egress_rate,
+            config.compression,
+        )
+
     # -------------------------------------------------------------- accepting
     def _accept(self, kind: str) -> FramedProtocol:
         if kind == "peer":
-            conn = Connection(initiator=False, limits=self.limits, payload_sink=_PeerSink(self))
-            proto = FramedProtocol(
-                conn, self._on_peer_frame, self._on_peer_close, self._count_error
-            )
+            inbox = self.inbox
+            conn = Connection(initiator=False, limits=self.limits, payload_sink=inbox.sink())
+
+            def on_peer_frame(proto: FramedProtocol, frame: Frame) -> None:
+                if isinstance(frame, Hello):
+                    self._handshake(proto, frame, ROLE_PEER, PEER_CAPS)
+                else:
+                    inbox.on_frame(proto, frame)
+
+            def on_peer_close(proto: FramedProtocol, error: BaseException | None) -> None:
+                self._closed(proto, kind)
+                inbox.on_close(proto, error)
+
+            proto = FramedProtocol(conn, on_peer_frame, on_peer_close, self._count_error)
         else:
-            session = EngineSession(self)
-            conn = Connection(initiator=False, limits=self.limits)
-            proto = FramedProtocol(
-                conn,
-                lambda p, f: self._on_engine_frame(session, kind, p, f),
-                lambda p, e: self._on_engine_close(session, p, e),
-                self._count_error,
+            session = EngineSession(
+                self._start_send,
+                self.registry.claim,
+                lambda: not self.draining,
+                self.config.subscribe_timeout_s,
             )
+            caps = CAP_SHM if kind == "engine_unix" else 0
+
+            def on_engine_frame(proto: FramedProtocol, frame: Frame) -> None:
+                if isinstance(frame, Hello):
+                    self._handshake(proto, frame, ROLE_ENGINE, caps)
+                    session.handshaken(proto)
+                else:
+                    session.on_frame(proto, frame)
+
+            def on_engine_close(proto: FramedProtocol, error: BaseException | None) -> None:
+                self._closed(proto, kind)
+                session.on_close(proto, error)
+
+            conn = Connection(initiator=False, limits=self.limits)
+            proto = FramedProtocol(conn, on_engine_frame, on_engine_close, self._count_error)
         self.connections.add(proto)
         self.metrics.connections.labels(kind).inc()
-        proto.kind = kind  # type: ignore[attr-defined]
         return proto
+
+    def _closed(self, proto: FramedProtocol, kind: str) -> None:
+        self.connections.discard(proto)
+        self.metrics.connections.labels(kind).dec()
 
     def _count_error(self, error: ProtocolError) -> None:
         self.metrics.protocol_errors.labels(error.code.name).inc()
@@ -176,263 +225,32 @@ class Daemon:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"role {hello.role} on this listener")
         proto.write(proto.conn.accept(self.config.node_name, caps))
 
-    # ------------------------------------------------------------ peer frames
-    def _on_peer_frame(self, proto: FramedProtocol, frame: Frame) -> None:
-        if isinstance(frame, Chunk):
-            transfer = self.incoming.get(frame.meta.transfer_id)
-            if transfer is None:
-                proto.grant(len(frame.data))
-            else:
-                sink = proto.conn.payload_sink
-                assert isinstance(sink, _PeerSink)
-                transfer.on_chunk(proto, frame, sink.in_arena)
-        elif isinstance(frame, Open):
-            self._on_peer_open(proto, frame)
-        elif isinstance(frame, End):
-            transfer = self.incoming.get(frame.transfer_id)
-            if transfer is not None:
-                transfer.on_end(proto, frame)
-        elif isinstance(frame, Abort):
-            transfer = self.incoming.get(frame.transfer_id)
-            if transfer is not None:
-                transfer.fail(
-                    ErrorCode.CANCELLED, f"sender aborted: {frame.message}", tell_sender=False
-                )
-        elif isinstance(frame, Hello):
-            self._handshake(proto, frame, ROLE_PEER, CAP_STRIPING | CAP_CODECS | CAP_DEDUP)
-        elif isinstance(frame, Ping):
-            proto.send(Pong(frame.opaque))
-
-    def _on_peer_open(self, proto: FramedProtocol, frame: Open) -> None:
-        transfer = self.incoming.get(frame.transfer_id)
-        new = transfer is None
-        if transfer is None:
-            if self.draining:
-                proto.send(Abort(frame.transfer_id, ErrorCode.SHUTTING_DOWN, "draining"))
-                return
-            busy = self.by_request.get(frame.request_id)
-            if busy is not None and busy.state == "receiving":
-                proto.send(
-                    Abort(
-                        frame.transfer_id,
-                        ErrorCode.PROTOCOL_ERROR,
-                        f"request {frame.request_id!r} is already arriving",
-                    )
-                )
-                return
-            transfer = IncomingTransfer(self, frame, proto.conn.negotiated.peer_name)
-            self.incoming[frame.transfer_id] = transfer
-            self.by_request[frame.request_id] = transfer
-            self.metrics.in_flight.labels("in").inc()
-            for fut in self.waiters.pop(frame.request_id, []):
-                if not fut.done():
-                    fut.set_result(transfer)
-                    break
-        transfer.add_stripe(proto, frame)
-        if new and "dedup" in frame.extra and proto.conn.negotiated.capabilities & CAP_DEDUP:
-            transfer.negotiate_dedup(proto)
-
-    def _on_peer_close(self, proto: FramedProtocol, error: BaseException | None) -> None:
-        self.connections.discard(proto)
-        self.metrics.connections.labels("peer").dec()
-        for transfer in list(self.incoming.values()):
-            transfer.on_stripe_lost(proto, error)
-        self.deferred = deque((p, n) for p, n in self.deferred if p is not proto)
-
-    # ---------------------------------------------------------- engine frames
-    def _on_engine_frame(
-        self, session: EngineSession, kind: str, proto: FramedProtocol, frame: Frame
-    ) -> None:
-        if isinstance(frame, Hello):
-            caps = CAP_SHM if kind == "engine_unix" else 0
-            self._handshake(proto, frame, ROLE_ENGINE, caps)
-            session.conn = proto
-            return
-        session.on_frame(proto, frame)
-
-    def _on_engine_close(
-        self, session: EngineSession, proto: FramedProtocol, error: BaseException | None
-    ) -> None:
-        self.connections.discard(proto)
-        self.metrics.connections.labels(getattr(proto, "kind", "engine")).dec()
-        session.on_close(proto, error)
-
-    # -------------------------------------------------------------- transfers
-    def start_outgoing(self, engine: FramedProtocol, frame: Open) -> OutgoingTransfer:
-        tid = secrets.randbits(63) | 1
-        transfer = OutgoingTransfer(self, engine, frame, tid)
-        self.outgoing[tid] = transfer
-        self.metrics.in_flight.labels("out").inc()
+    def _start_send(self, engine: FramedProtocol, frame: Open) -> OutgoingTransfer:
+        transfer = OutgoingTransfer(self._send_ctx, engine, frame, secrets.randbits(63) | 1)
+        self.registry.add_outgoing(transfer)
         transfer.start()
         return transfer
 
-    async def peer_link(self, address: str) -> PeerLink:
-        async with self._link_lock:
-            link = self.links.get(address)
-            if link is None or link.dead:
-                link = PeerLink(self, address)
-                await link.connect()
-                self.links[address] = link
-            return link
-
-    def limits_for(self, peer: str) -> tuple[float, int]:
-        """(rate in bytes/s, inf for unlimited; burst) of the link to ``peer``."""
-        if peer in self.link_limits:
-            return self.link_limits[peer]
-        cfg = self.config
-        return parse_rate(cfg.peer_rate), parse_burst(cfg.peer_burst)
-
-    def set_link_limits(self, peer: str, rate: float, burst: int) -> None:
-        """Change a link's limits now (running transfers keep going at the new rate)."""
-        link = self.links.get(peer)
-        if link is not None:
-            link.bucket.set_limits(rate, burst)  # raises RateError before changing anything
-        self.link_limits[peer] = (rate, burst)
-
-    def reload(self, config: Config) -> None:
-        """SIGHUP: apply the new file's rate limits (validated before anything changes)."""
-        egress = (parse_rate(config.egress_rate), parse_burst(config.egress_burst))
-        peer = (parse_rate(config.peer_rate), parse_burst(config.peer_burst))
-        self.config = replace(
-            self.config,
-            egress_rate=config.egress_rate,
-            egress_burst=config.egress_burst,
-            peer_rate=config.peer_rate,
-            peer_burst=config.peer_burst,
-            compression=config.compression,
-        )
-        self.egress.set_limits(*egress)
-        for address, link in self.links.items():
-            if address not in self.link_limits:
-                link.bucket.set_limits(*peer)
-        log.info(
-            "reloaded: peer %s, egress %s, compression %s",
-            config.peer_rate,
-            config.egress_rate,
-            config.compression,
-        )
-
-    def store_for(self, layout: ModelLayout, tp_rank: int) -> BlockStore:
-        """The block store of one model namespace. Up to ``STORES`` namespaces share
-        ``store_bytes`` equally; a new one pushes out the least recently used."""
-        key = namespace(layout, tp_rank)
-        store = self.stores.pop(key, None)
-        if store is None:
-            store = BlockStore(self.config.store_bytes // STORES, layout, tp_rank)
-            while len(self.stores) >= STORES:
-                _, old = self.stores.popitem(last=False)
-                log.info("block store of another model dropped (%d B)", old.used_bytes)
-        self.stores[key] = store
-        return store
-
-    def store_stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for store in self.stores.values():
-            for k, v in store.stats().items():
-                total[k] = total.get(k, 0) + v
-        return total
-
-    def forget_link(self, link: PeerLink) -> None:
-        if self.links.get(link.address) is link:
-            del self.links[link.address]
-
-    async def claim(
-        self, request_id: str, sub: Subscription, timeout: float
-    ) -> IncomingTransfer | None:
-        """The transfer of ``request_id`` for ``sub``, waiting up to ``timeout`` for it."""
-        transfer = self.by_request.get(request_id)
-        if (
-            transfer is None
-            or transfer.subscriber is not None
-            or transfer.state in ("failed", "delivered")
-        ):
-            fut: asyncio.Future[IncomingTransfer] = asyncio.get_running_loop().create_future()
-            self.waiters.setdefault(request_id, []).append(fut)
-            try:
-                transfer = await asyncio.wait_for(fut, timeout)
-            except TimeoutError:
-                return None
-            finally:
-                waiting = self.waiters.get(request_id, [])
-                if fut in waiting:
-                    waiting.remove(fut)
-                if not waiting:
-                    self.waiters.pop(request_id, None)
-        transfer.subscriber = sub
-        transfer.changed.set()
-        return transfer
-
-    def transfer_received(self, transfer: IncomingTransfer) -> None:
-        self.metrics.in_flight.labels("in").dec()
-
-    def transfer_finished(self, record: TransferRecord, transfer: object) -> None:
-        if isinstance(transfer, OutgoingTransfer):
-            if self.outgoing.pop(record.transfer_id, None) is not None:
-                self.metrics.in_flight.labels("out").dec()
-            self.metrics.transfers.labels("out", record.state).inc()
-        elif isinstance(transfer, IncomingTransfer):
-            self.incoming.pop(record.transfer_id, None)
-            if self.by_request.get(transfer.request_id) is transfer:
-                del self.by_request[transfer.request_id]
-            self.metrics.transfers.labels("in", record.state).inc()
-        self.history[record.transfer_id] = record
-        while len(self.history) > HISTORY:
-            self.history.popitem(last=False)
-
-    # --------------------------------------------------------- memory bound
-    def hold(self, proto: FramedProtocol, nbytes: int, credit: int) -> None:
-        """``nbytes`` of chunk data now sit in daemon memory; the ``credit`` (wire bytes)
-        goes back to the peer only while that memory is under ``staging_bytes``."""
-        self.staged += nbytes
-        self.metrics.staged_bytes.set(self.staged)
-        if self.staged <= self.config.staging_bytes and not self.deferred:
-            proto.grant(credit)
-        else:
-            self.deferred.append((proto, credit))
-
-    def unhold(self, nbytes: int) -> None:
-        self.staged -= nbytes
-        self.metrics.staged_bytes.set(self.staged)
-        while self.deferred and self.staged <= self.config.staging_bytes:
-            proto, n = self.deferred.popleft()
-            proto.grant(n)
-
     async def _reap(self) -> None:
-        """Drop received transfers nobody claimed, and stalled ones, after retention_s."""
+        """Drop received transfers nobody claimed, stalled ones and orphans after
+        retention_s."""
         while True:
             await asyncio.sleep(min(1.0, self.config.retention_s / 4))
-            now = time.monotonic()
-            for transfer in list(self.incoming.values()):
-                idle = now - transfer.last_activity
-                if idle > self.config.retention_s and transfer.subscriber is None:
-                    transfer.fail(ErrorCode.TIMEOUT, f"unclaimed or stalled for {idle:.0f} s")
+            self.registry.reap(self.config.retention_s)
 
     # ---------------------------------------------------------- control plane
-    def transfers_json(self) -> list[dict[str, Any]]:
-        live = [t.record for t in (*self.outgoing.values(), *self.incoming.values())]
-        records = {r.transfer_id: r for r in (*self.history.values(), *live)}
-        return [r.to_json() for r in records.values()]
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "draining" if self.draining else "ok",
+            "node": self.config.node_name,
+            "uptime_s": round(time.time() - self.started, 3),
+            "addresses": self.addresses,
+        }
 
-    def links_json(self) -> list[dict[str, Any]]:
-        return [link.figures_json() for link in self.links.values()]
-
-
-class _PeerSink:
-    """Payload sink of one peer connection; remembers whether the last chunk hit an arena."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.in_arena = False
-
-    def __call__(self, meta: ChunkMeta, nbytes: int) -> memoryview:
-        transfer = self.daemon.incoming.get(meta.transfer_id)
-        if transfer is None:  # aborted meanwhile: read the bytes and drop them
-            self.in_arena = False
-            return memoryview(bytearray(nbytes))
-        buf, self.in_arena = transfer.sink(meta, nbytes)
-        return buf
+    def control_view(self) -> ControlView:
+        return ControlView(self.health, self.metrics, self.registry, self.links, self.stores)
 
 
 def _bound(server: asyncio.AbstractServer) -> str:
     host, port = server.sockets[0].getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_hostport(host, port)

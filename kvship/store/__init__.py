@@ -1,13 +1,10 @@
 """The receiving daemon's block store (pure, synchronous): see :mod:`kvship.store.blocks`."""
 
 from .blocks import (
-    Admitted,
     BadInput,
     BlockStore,
-    KeyMismatch,
+    ByteBudget,
     LayoutMismatch,
-    Manifest,
-    MissingBlock,
     SizeMismatch,
     StateShapeError,
     StoreError,
@@ -15,13 +12,10 @@ from .blocks import (
 )
 
 __all__ = [
-    "Admitted",
     "BadInput",
     "BlockStore",
-    "KeyMismatch",
+    "ByteBudget",
     "LayoutMismatch",
-    "Manifest",
-    "MissingBlock",
     "SizeMismatch",
     "StateShapeError",
     "StoreError",

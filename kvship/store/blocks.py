@@ -10,22 +10,21 @@ Two kinds of entry share one byte bound:
 
 Entries whose key is pinned (a transfer writing it, a client reading it) are never evicted;
 the rest go least-recently-used first. When the pinned entries leave no room, a put is
-refused with :class:`StoreFull`: the bound holds always. :meth:`BlockStore.admit` checks a
-whole request (layout, keys vs tokens, sizes, room) before it stores anything, so a refused
-request changes nothing. Pure and synchronous: the daemon calls it from its event loop.
+refused with :class:`StoreFull`: the bound holds always. Stores of several models can share
+one :class:`ByteBudget` (one bound, one LRU across them), so a busy model may use what an
+idle one does not. Pure and synchronous: the daemon calls it from its event loop.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..layout.model import DTYPE_SIZES, LinearState, ModelLayout
-from ..layout.prefix import KEY_BYTES, first_mismatch, full_prefix_key, namespace
+from ..layout.prefix import KEY_BYTES, namespace
 
 BLOCK, STATE = 0, 1
 Entry = tuple[int, bytes, int]  # (BLOCK | STATE, key, layer)
@@ -48,14 +47,6 @@ class LayoutMismatch(BadInput):
     """Sender's layout namespace, or a layer's kind, is not this store's."""
 
 
-class KeyMismatch(BadInput):
-    """A claimed block key is not the key of its token ids (``index``: the first bad one)."""
-
-    def __init__(self, message: str, index: int) -> None:
-        super().__init__(message)
-        self.index = index
-
-
 class SizeMismatch(BadInput):
     """A block or key of the wrong length."""
 
@@ -64,59 +55,87 @@ class StateShapeError(BadInput):
     """A linear-attention state whose shapes or size differ from the layout's."""
 
 
-class MissingBlock(BadInput):
-    """A block the sender skipped as already held, but the store does not hold it."""
+class ByteBudget:
+    """One byte bound and one least-recently-used order shared by the stores that draw on it.
 
+    Only unpinned entries are in the LRU; evicting one tells its store to drop it."""
 
-@dataclass
-class Manifest:
-    """One request's KV as it arrives: claimed keys, the data, and what they are keys *of*.
+    def __init__(self, capacity_bytes: int) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
+            raise TypeError("capacity_bytes must be an int")
+        if capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
+        self.capacity = capacity_bytes
+        self.used = 0
+        self.lru_bytes = 0
+        self._lru: OrderedDict[tuple[BlockStore, Entry], int] = OrderedDict()  # oldest first
 
-    ``blocks[layer][i]`` is full block ``i`` of a full-attention layer; ``None`` where the
-    sender skipped it because the store already held it (dedup). ``states[layer]`` is a
-    linear layer's state, as bytes or as one array per shape of the layout.
-    """
+    def make_room(self, need: int) -> None:
+        """Evict least recently used unpinned entries until ``need`` more bytes fit, or
+        raise :class:`StoreFull` before evicting anything."""
+        if self.used + need <= self.capacity:
+            return
+        if self.used - self.lru_bytes + need > self.capacity:
+            raise StoreFull(
+                f"{need} bytes do not fit: {self.used} of {self.capacity} used, "
+                f"{self.lru_bytes} evictable"
+            )
+        while self.used + need > self.capacity:
+            (store, entry), size = self._lru.popitem(last=False)
+            self.lru_bytes -= size
+            store._evicted(entry, size)
 
-    namespace: bytes
-    token_ids: Sequence[int] | np.ndarray
-    keys: Sequence[bytes]
-    blocks: Mapping[int, Sequence[Data | None]] = field(default_factory=dict)
-    states: Mapping[int, Data | Sequence[np.ndarray]] = field(default_factory=dict)
-    state_key: bytes | None = None
+    def add(self, store: BlockStore, entry: Entry, size: int) -> None:
+        self._lru[(store, entry)] = size
+        self.lru_bytes += size
 
+    def remove(self, store: BlockStore, entry: Entry) -> int:
+        size = self._lru.pop((store, entry))
+        self.lru_bytes -= size
+        return size
 
-@dataclass(frozen=True)
-class Admitted:
-    stored: int  # entries newly stored
-    bytes: int  # their bytes
-    state_key: bytes | None  # the full-prefix key the states were stored under
+    def touch(self, store: BlockStore, entry: Entry) -> None:
+        item = (store, entry)
+        if item in self._lru:
+            self._lru.move_to_end(item)
+
+    def drop_store(self, store: BlockStore) -> None:
+        """Forget every entry of ``store`` (the daemon drops a model's whole store)."""
+        for item in [item for item in self._lru if item[0] is store]:
+            self.lru_bytes -= self._lru.pop(item)
+        self.used -= store.used_bytes
 
 
 class BlockStore:
     """Content-addressed, byte-bounded store of KV blocks and linear states."""
 
     def __init__(
-        self, capacity_bytes: int, layout: ModelLayout | None = None, tp_rank: int | None = None
+        self,
+        capacity: int | ByteBudget,
+        layout: ModelLayout | None = None,
+        tp_rank: int | None = None,
     ) -> None:
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
-            raise TypeError("capacity_bytes must be an int")
-        if capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
-        self.capacity = capacity_bytes
+        self.budget = capacity if isinstance(capacity, ByteBudget) else ByteBudget(capacity)
         self.layout = layout
         self.namespace = namespace(layout, tp_rank) if layout is not None else None
-        self._tp_rank = tp_rank
         self._data: dict[Entry, bytes] = {}
         self._masks: dict[bytes, int] = {}  # block key -> bitmask of layers held (fast match)
         self._entries: dict[bytes, set[Entry]] = {}  # key -> its entries (blocks and states)
-        self._lru: OrderedDict[Entry, None] = OrderedDict()  # unpinned entries, oldest first
         self._pins: dict[bytes, int] = {}
         # Keys held for every full-attention layer: the common lookup is set membership.
         self._full_mask = sum(1 << i for i in layout.full_layers) if layout is not None else -1
         self._complete: set[bytes] = set()
         self._used = 0
-        self._lru_bytes = 0
+        self._lru_bytes = 0  # of this store's entries, those not pinned
         self._hits = self._misses = self._evictions = self._refused = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.budget.capacity
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self._pins)
 
     # ------------------------------------------------------------------ queries
 
@@ -190,8 +209,7 @@ class BlockStore:
             self._pins[key] = count + 1
             if count == 0:
                 for entry in self._entries.get(key, ()):
-                    del self._lru[entry]
-                    self._lru_bytes -= len(self._data[entry])
+                    self._lru_bytes -= self.budget.remove(self, entry)
 
     def unpin(self, keys: Iterable[bytes]) -> None:
         keys = list(keys)
@@ -205,8 +223,9 @@ class BlockStore:
                 continue
             del self._pins[key]
             for entry in self._entries.get(key, ()):
-                self._lru[entry] = None
-                self._lru_bytes += len(self._data[entry])
+                size = len(self._data[entry])
+                self.budget.add(self, entry, size)
+                self._lru_bytes += size
 
     # ------------------------------------------------------------------ puts
 
@@ -224,50 +243,6 @@ class BlockStore:
             raise StateShapeError("a state without a layout must be bytes")
         return self._put((STATE, full_prefix_key, layer), raw)
 
-    def admit(self, manifest: Manifest) -> Admitted:
-        """Check a whole request, then store all of it, or refuse and change nothing."""
-        layout = self._need_layout()
-        if manifest.namespace != self.namespace:
-            raise LayoutMismatch("sender's layout namespace differs from this store's layout")
-        for key in manifest.keys:
-            self._check_key(key)
-        bad = first_mismatch(manifest.keys, manifest.token_ids, layout, self._tp_rank)
-        if bad is not None:
-            raise KeyMismatch(f"block key {bad} does not match its token ids", bad)
-        n = len(manifest.keys)
-        todo: dict[Entry, Data] = {}
-        for layer, blocks in manifest.blocks.items():
-            if len(blocks) != n:
-                raise SizeMismatch(f"layer {layer}: {len(blocks)} blocks for {n} keys")
-            for key, data in zip(manifest.keys, blocks, strict=True):
-                entry = (BLOCK, key, layer)
-                if data is None:
-                    self._check_layer(layer, full=True)
-                    if entry not in self._data:
-                        raise MissingBlock(f"layer {layer}: skipped block {key.hex()} not held")
-                    continue
-                self._check_block(layer, data)
-                if entry not in self._data:
-                    todo[entry] = data
-        state_key = None
-        if manifest.states:
-            state_key = full_prefix_key(manifest.token_ids, layout, self._tp_rank, manifest.keys)
-            if manifest.state_key is not None and manifest.state_key != state_key:
-                raise KeyMismatch("state key does not match the token ids", n)
-            for layer, state in manifest.states.items():
-                entry = (STATE, state_key, layer)
-                raw = self._state_bytes(layer, state)
-                if entry not in self._data:
-                    todo[entry] = raw
-        protect = {e for key in manifest.keys for e in self._entries.get(key, ())}
-        if state_key is not None:
-            protect |= self._entries.get(state_key, set())
-        need = sum(_nbytes(d) for d in todo.values())
-        self._make_room(need, protect)
-        for entry, data in todo.items():
-            self._insert(entry, data)
-        return Admitted(len(todo), need, state_key)
-
     # ------------------------------------------------------------------ internals
 
     def _get(self, entry: Entry) -> bytes | None:
@@ -276,42 +251,27 @@ class BlockStore:
             self._misses += 1
             return None
         self._hits += 1
-        if entry in self._lru:
-            self._lru.move_to_end(entry)
+        self.budget.touch(self, entry)
         return data
 
     def _put(self, entry: Entry, data: Data) -> bool:
         if entry in self._data:
-            if entry in self._lru:
-                self._lru.move_to_end(entry)
+            self.budget.touch(self, entry)
             return False
-        self._make_room(_nbytes(data), set())
+        try:
+            self.budget.make_room(_nbytes(data))
+        except StoreFull:
+            self._refused += 1
+            raise
         self._insert(entry, data)
         return True
-
-    def _make_room(self, need: int, protect: set[Entry]) -> None:
-        """Evict LRU unpinned entries (not in ``protect``) until ``need`` fits, or refuse
-        before evicting anything."""
-        if self._used + need <= self.capacity:
-            return
-        evictable = self._lru_bytes - sum(len(self._data[e]) for e in protect if e in self._lru)
-        if self._used - evictable + need > self.capacity:
-            self._refused += 1
-            raise StoreFull(
-                f"{need} bytes do not fit: {self._used} of {self.capacity} used, "
-                f"{evictable} evictable"
-            )
-        for entry in list(self._lru):
-            if self._used + need <= self.capacity:
-                break
-            if entry not in protect:
-                self._evict(entry)
 
     def _insert(self, entry: Entry, data: Data) -> None:
         kind, key, layer = entry
         copy = bytes(data)
         self._data[entry] = copy
         self._used += len(copy)
+        self.budget.used += len(copy)
         self._entries.setdefault(key, set()).add(entry)
         if kind == BLOCK:
             mask = self._masks.get(key, 0) | (1 << layer)
@@ -319,14 +279,15 @@ class BlockStore:
             if mask == self._full_mask:
                 self._complete.add(key)
         if key not in self._pins:
-            self._lru[entry] = None
+            self.budget.add(self, entry, len(copy))
             self._lru_bytes += len(copy)
 
-    def _evict(self, entry: Entry) -> None:
+    def _evicted(self, entry: Entry, size: int) -> None:
+        """The budget evicted ``entry`` (already out of its LRU): drop its data."""
         kind, key, layer = entry
-        size = len(self._data.pop(entry))
+        del self._data[entry]
         self._used -= size
-        del self._lru[entry]
+        self.budget.used -= size
         self._lru_bytes -= size
         entries = self._entries[key]
         entries.discard(entry)

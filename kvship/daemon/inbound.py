@@ -1,0 +1,84 @@
+"""Frames from the peer connections this daemon accepted: they open, feed and end the
+incoming transfers (the handshake is the daemon's, before any of this)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..aio import FramedProtocol
+from ..protocol import CAP_DEDUP, Abort, Chunk, ChunkMeta, End, ErrorCode, Frame, Open, Ping, Pong
+from .incoming import IncomingTransfer, ReceiveContext
+from .registry import TransferRegistry
+
+
+class PeerSink:
+    """Payload sink of one peer connection; remembers whether the last chunk hit an arena."""
+
+    def __init__(self, registry: TransferRegistry) -> None:
+        self.registry = registry
+        self.in_arena = False
+
+    def __call__(self, meta: ChunkMeta, nbytes: int) -> memoryview:
+        transfer = self.registry.incoming.get(meta.transfer_id)
+        if transfer is None:  # aborted meanwhile: read the bytes and drop them
+            self.in_arena = False
+            return memoryview(bytearray(nbytes))
+        buf, self.in_arena = transfer.sink(meta, nbytes)
+        return buf
+
+
+class PeerInbox:
+    def __init__(
+        self, ctx: ReceiveContext, registry: TransferRegistry, accepting: Callable[[], bool]
+    ) -> None:
+        self.ctx = ctx
+        self.registry = registry
+        self.accepting = accepting  # False while the daemon drains
+
+    def sink(self) -> PeerSink:
+        return PeerSink(self.registry)
+
+    def on_frame(self, proto: FramedProtocol, frame: Frame) -> None:
+        incoming = self.registry.incoming
+        if isinstance(frame, Chunk):
+            transfer = incoming.get(frame.meta.transfer_id)
+            if transfer is None:
+                proto.grant(len(frame.data))
+            else:
+                sink = proto.conn.payload_sink
+                transfer.on_chunk(proto, frame, isinstance(sink, PeerSink) and sink.in_arena)
+        elif isinstance(frame, Open):
+            self._on_open(proto, frame)
+        elif isinstance(frame, End):
+            if (transfer := incoming.get(frame.transfer_id)) is not None:
+                transfer.on_end(proto, frame)
+        elif isinstance(frame, Abort):
+            if (transfer := incoming.get(frame.transfer_id)) is not None:
+                transfer.fail(
+                    ErrorCode.CANCELLED, f"sender aborted: {frame.message}", tell_sender=False
+                )
+        elif isinstance(frame, Ping):
+            proto.send(Pong(frame.opaque))
+
+    def _on_open(self, proto: FramedProtocol, frame: Open) -> None:
+        transfer = self.registry.incoming.get(frame.transfer_id)
+        if transfer is not None:  # another stripe of a transfer we know
+            transfer.add_stripe(proto, frame)
+            return
+        if not self.accepting():
+            proto.send(Abort(frame.transfer_id, ErrorCode.SHUTTING_DOWN, "draining"))
+            return
+        if self.registry.arriving(frame.request_id) is not None:
+            message = f"request {frame.request_id!r} is already arriving"
+            proto.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, message))
+            return
+        transfer = IncomingTransfer(self.ctx, frame, proto.conn.negotiated.peer_name)
+        self.registry.add_incoming(transfer)
+        transfer.add_stripe(proto, frame)
+        if "dedup" in frame.extra and proto.conn.negotiated.capabilities & CAP_DEDUP:
+            transfer.start_dedup(proto)
+
+    def on_close(self, proto: FramedProtocol, error: BaseException | None) -> None:
+        for transfer in list(self.registry.incoming.values()):
+            transfer.on_stripe_lost(proto, error)
+        self.ctx.budget.forget(proto)
