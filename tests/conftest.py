@@ -45,7 +45,6 @@ from kvship.protocol import (
 )
 
 HEADER = struct.Struct(">IBBH")  # length, type, flags, reserved (SPEC.md §3)
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "kv-samples"
 IO_TIMEOUT = 10.0  # seconds any single socket read may take before the test fails
 
 

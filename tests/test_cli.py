@@ -1,8 +1,8 @@
 """The ``kvship`` command line, run as real subprocesses against two real daemons.
 
-One daemon pair serves the module; one real KV sample (SmolLM2, 30 layers) is shipped
-once by ``kvship send`` while ``kvship recv`` waits for it, and several tests look at the
-outcome. Failures a user can cause must end in one line on stderr and the right exit code.
+One daemon pair serves the module; one real KV sample (SmolLM2, 30 layers, tests/data/kv)
+is shipped once by ``kvship send`` while ``kvship recv`` waits for it, and several tests look
+at the outcome. Failures a user can cause must end in one line on stderr and the right exit code.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from kvship.bench.spawn import DaemonProcess, daemon_pair, free_port
+from testdata import kv_path, token_ids_path
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "kv-samples"
-KV_FILE = SAMPLES / "smollm2_kv_bf16_as_uint16.npy"
-TOKENS_FILE = SAMPLES / "smollm2_token_ids.npy"
+KV_FILE = kv_path("prose", "bf16")
+TOKENS_FILE = token_ids_path("prose")
 KVSHIP = [sys.executable, "-m", "kvship.cli.main"]
 
 
@@ -55,8 +55,6 @@ def shipped(
     pair: tuple[DaemonProcess, DaemonProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     """``kvship recv`` subscribed, then ``kvship send`` of the real sample; both outputs."""
-    if not KV_FILE.exists():
-        pytest.skip(f"KV sample not found: {KV_FILE}")
     prefill, decode = pair
     out = tmp_path_factory.mktemp("recv")
     recv = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +23,7 @@ from kvship import Client
 from kvship.bench.spawn import DaemonProcess
 from kvship.payload import CODEC_SPLIT16, Encoder
 from kvship.protocol import CAP_CODECS, CAP_STRIPING, Chunk, ChunkMeta, ErrorCode, chunk_checksum
-
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "kv-samples"
-BF16 = SAMPLES / "smollm2_kv_bf16_as_uint16.npy"
+from testdata import DOCS, kv_sample
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +32,20 @@ def split_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemo
         yield pair
 
 
+@pytest.mark.parametrize("doc", DOCS)
 async def test_split16_ships_real_bf16_bit_exact_and_smaller(
-    split_pair: tuple[DaemonProcess, ...],
+    split_pair: tuple[DaemonProcess, ...], doc: str
 ) -> None:
-    if not BF16.exists():
-        pytest.skip(f"KV sample not found: {BF16}")
     a, b = split_pair
-    kv = np.load(BF16)  # [30 layers, 2, 128, 3, 64] bf16 bits as uint16
+    kv = kv_sample(doc, "bf16")  # [30 layers, 2, T, 3, 64] bf16 bits as uint16 (tests/data/kv)
     layers = [np.ascontiguousarray(kv[i].reshape(2, -1)) for i in range(kv.shape[0])]
     # Several layers per chunk-sized array, so chunks are large enough to compress well.
     arrays = [np.concatenate(layers[i : i + 10], axis=1) for i in range(0, 30, 10)]
     before_payload = a.metric("kvship_payload_bytes_sent")
     before_wire = a.metric("kvship_wire_bytes_sent")
-    receiving = asyncio.create_task(receive_all(Client(b.socket_path), "bf16-split"))
-    result = await send_layers(Client(a.socket_path), "bf16-split", arrays, b.peer)
+    rid = f"bf16-split-{doc}"
+    receiving = asyncio.create_task(receive_all(Client(b.socket_path), rid))
+    result = await send_layers(Client(a.socket_path), rid, arrays, b.peer)
     got, receiver = await asyncio.wait_for(receiving, 60)
     assert receiver.complete and receiver.digest == result.digest
     for i, array in enumerate(arrays):

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from conftest import (
-    SAMPLES,
     good_transfer,
     random_layers,
     receive_all,
@@ -34,13 +33,11 @@ from kvship.errors import (
     TransferError,
 )
 from kvship.protocol import ErrorCode, LayerSpec
+from testdata import DTYPES, KV, kv_path
+from testdata import token_ids as sample_token_ids
 
 MIB = 1024 * 1024
-SAMPLE_FILES = [
-    "smollm2_kv_bf16_as_uint16.npy",
-    "smollm2_kv_fp16.npy",
-    "smollm2_kv_fp8e4m3_as_uint8.npy",
-]
+SAMPLE_FILES = [kv_path("prose", dtype).name for dtype in DTYPES]  # tests/data/kv: bf16, fp16, fp8
 METRIC_FAMILIES = [
     "kvship_payload_bytes_sent",
     "kvship_payload_bytes_received",
@@ -66,18 +63,12 @@ def http_get(url: str) -> tuple[int, str, str]:
 # ---------------------------------------------------------- 9. real samples
 @pytest.fixture(scope="module")
 def token_ids() -> list[int]:
-    path = SAMPLES / "smollm2_token_ids.npy"
-    if not path.exists():
-        pytest.skip(f"no KV samples at {SAMPLES}")
-    return [int(t) for t in np.load(path)]
+    return sample_token_ids("prose")
 
 
 def load_layers(name: str) -> list[np.ndarray]:
-    """A sample file as its 30 layers (the first axis), or skip if it is missing."""
-    path = SAMPLES / name
-    if not path.exists():
-        pytest.skip(f"{path} is missing")
-    kv = np.load(path)
+    """A sample file of tests/data/kv as its 30 layers (the first axis)."""
+    kv = np.load(KV / name)
     assert kv.shape[0] == 30
     return [np.ascontiguousarray(kv[i]) for i in range(kv.shape[0])]
 

@@ -21,11 +21,10 @@ import pytest
 
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
+from testdata import DOCS, kv_sample
 
 pytestmark = pytest.mark.netns
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "kv-samples"
-BF16 = SAMPLES / "smollm2_kv_bf16_as_uint16.npy"
 ADDR_A, ADDR_B = "10.250.0.1", "10.250.0.2"
 
 
@@ -81,10 +80,8 @@ def link_figures(ns: str, daemon: DaemonProcess) -> dict:
 
 
 def kv_layers(total: int) -> list[np.ndarray]:
-    """Real bf16 KV (the sample, tiled) cut into 8 layers."""
-    if not BF16.exists():
-        pytest.skip(f"KV sample not found: {BF16}")
-    raw = np.load(BF16).reshape(-1)
+    """Real bf16 KV (the prose and code samples of tests/data/kv, tiled) cut into 8 layers."""
+    raw = np.concatenate([kv_sample(doc, "bf16").reshape(-1) for doc in DOCS])
     data = np.tile(raw, -(-total // raw.nbytes))[: total // 2]
     return [np.ascontiguousarray(x) for x in np.split(data, 8)]
 

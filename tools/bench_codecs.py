@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Ratio and per-core speed of the chunk codecs on the real KV samples (shared/kv-samples).
+"""Ratio and per-core speed of the chunk codecs on the real KV samples (tests/data/kv).
 
 Each sample file is cut into chunks of its own bytes (the last chunk may be short); a
 chunk size larger than a file is filled by tiling whole copies of it, flagged ``tiled``
@@ -11,7 +11,12 @@ Rows: ``zstd`` is CODEC_ZSTD, i.e. plain zstd level 1 on the raw bytes: the base
 ``split16`` is CODEC_SPLIT16 (tuned high-plane zstd). ``shuffle+zstd1`` is the same byte
 split with zstd level 1 on the high plane, for comparison (not a codec).
 
-    python tools/bench_codecs.py [--chunk-sizes 262144,1048576] [--repeats 7] [--json]
+The samples are the repo's own (``tests/data/kv``, made by ``make capture``: documents
+``prose`` and ``code``, each in bf16, fp16 and fp8); ``--samples DIR`` takes another folder of
+them, or one in the older single-document naming (``smollm2_kv_bf16_as_uint16.npy`` ...).
+
+    python tools/bench_codecs.py [--samples DIR] [--chunk-sizes 262144,1048576] [--repeats 7]
+                                 [--json]
 """
 
 from __future__ import annotations
@@ -33,12 +38,20 @@ import zstandard as zstd
 from kvship.payload import CODEC_RAW, CODEC_SPLIT16, CODEC_ZSTD, Decoder, Encoder
 from kvship.payload import split as split16
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "kv-samples"
-FILES = (
-    ("bf16", "smollm2_kv_bf16_as_uint16.npy"),
-    ("fp16", "smollm2_kv_fp16.npy"),
-    ("fp8", "smollm2_kv_fp8e4m3_as_uint8.npy"),
+SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data" / "kv"
+DTYPE_FILES = (
+    ("bf16", "bf16_as_uint16.npy"),
+    ("fp16", "fp16.npy"),
+    ("fp8", "fp8e4m3_as_uint8.npy"),
 )
+# (sample, dtype, file name): the repo's two documents (tools/capture_kv.py) ...
+FILES = tuple(
+    (f"{doc}-{dtype}", dtype, f"{doc}_{suffix}")
+    for doc in ("prose", "code")
+    for dtype, suffix in DTYPE_FILES
+)
+# ... or one document in the older naming (a larger capture passed with --samples).
+LEGACY_FILES = tuple((dtype, dtype, f"smollm2_kv_{suffix}") for dtype, suffix in DTYPE_FILES)
 LEVEL1_HIGH = zstd.ZstdCompressionParameters.from_level(
     1, write_content_size=True, write_checksum=False, write_dict_id=False
 )
@@ -117,14 +130,24 @@ def bench_transforms(chunks: list[memoryview], repeats: int) -> dict[str, float]
     }
 
 
+def sample_files(samples: Path) -> list[tuple[str, str, Path]]:
+    """(sample, dtype, path) of the KV files in ``samples``: the repo's names, else the older."""
+    for table in (FILES, LEGACY_FILES):
+        found = [(name, dtype, samples / f) for name, dtype, f in table if (samples / f).is_file()]
+        if found:
+            return found
+    return []
+
+
 def run(samples: Path, chunk_sizes: list[int], repeats: int, level: int) -> dict[str, object]:
     rows: list[dict[str, object]] = []
-    for name, filename in FILES:
-        data = np.load(samples / filename).tobytes()
-        two_byte = name in ("bf16", "fp16")
+    for name, dtype, path in sample_files(samples):
+        data = np.load(path).tobytes()
+        two_byte = dtype in ("bf16", "fp16")
         for chunk_size in chunk_sizes:
             chunks, tiled = cut(data, chunk_size)
-            base = {"sample": name, "file_bytes": len(data), "chunk_size": chunk_size}
+            base = {"sample": name, "dtype": dtype, "file_bytes": len(data)}
+            base["chunk_size"] = chunk_size
             base["tiled"] = tiled
             xxh = median_seconds(lambda c=chunks: [xxhash.xxh3_64_intdigest(x) for x in c], 5)
             base["xxh3_gbps"] = round(sum(map(len, chunks)) / xxh / 1e9, 2)
@@ -162,7 +185,7 @@ def run(samples: Path, chunk_sizes: list[int], repeats: int, level: int) -> dict
 def print_table(report: dict[str, object]) -> None:
     cols = ("sample", "chunk_size", "codec", "ratio", "encode_gbps", "decode_gbps", "raw_chunks")
     print(
-        f"{'sample':6} {'chunk':>8} {'codec':14} {'ratio':>7} {'enc GB/s':>9} "
+        f"{'sample':10} {'chunk':>8} {'codec':14} {'ratio':>7} {'enc GB/s':>9} "
         f"{'dec GB/s':>9} {'raw':>5}  notes"
     )
     for row in report["results"]:  # type: ignore[attr-defined]
@@ -173,7 +196,7 @@ def print_table(report: dict[str, object]) -> None:
         if row["tiled"]:
             notes.append("TILED (ratio may be inflated)")
         print(
-            f"{s:6} {cs // 1024:>6}Ki {codec:14} {ratio:>6.3f}x {e:>9.2f} {d:>9.2f} "
+            f"{s:10} {cs // 1024:>6}Ki {codec:14} {ratio:>6.3f}x {e:>9.2f} {d:>9.2f} "
             f"{raw:>5}  {'; '.join(n for n in notes if n)}"
         )
     print(
@@ -184,14 +207,20 @@ def print_table(report: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=Path, default=SAMPLES, help="kv-samples folder")
+    ap.add_argument(
+        "--samples",
+        type=Path,
+        default=SAMPLES,
+        help="folder of KV samples (default: the repo's tests/data/kv; a larger capture in the "
+        "older smollm2_kv_*.npy naming, e.g. a shared kv-samples folder, works too)",
+    )
     ap.add_argument("--chunk-sizes", default="262144,1048576", help="comma-separated bytes")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--level", type=int, default=1, help="zstd level of the zstd codec")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    if not args.samples.is_dir():
-        print(f"no samples at {args.samples}", file=sys.stderr)
+    if not sample_files(args.samples):
+        print(f"no KV samples at {args.samples}", file=sys.stderr)
         return 2
     sizes = [int(s) for s in args.chunk_sizes.split(",") if s]
     report = run(args.samples, sizes, max(1, args.repeats), args.level)
