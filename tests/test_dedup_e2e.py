@@ -224,3 +224,37 @@ async def test_layers_that_do_not_fit_the_model_are_refused(
         await sender.finish(timeout=30)
     assert info.value.code == ErrorCode.LAYOUT_MISMATCH, info.value
     assert b.metric("kvship_store_bytes") == stored_before
+
+
+def _post_json(daemon: DaemonProcess, path: str, body: object) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(daemon.url(path), data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("path", ["/v1/lookup", "/v1/route"])
+async def test_lookups_naming_other_models_never_evict_held_kv(
+    pair: tuple[DaemonProcess, ...], path: str
+) -> None:
+    """Regression: a look-up used to create a block store for any model it named, and the
+    fifth model pushed a real store out: four look-ups naming other presets erased the KV
+    held for this one. Look-ups are read-only now."""
+    from kvship.layout.presets import PRESETS
+
+    a, b = pair
+    prompt = np.random.default_rng(7 + len(path)).integers(0, 50000, 640, dtype=np.uint32)
+    await ship(a, b, f"evict-{path[4:]}", prompt)
+    held = {"model": MODEL.to_dict(), "token_ids": prompt.tolist()}
+    assert _post_json(b, "/v1/lookup", held)["cached_tokens"] == 640
+    stored = b.metric("kvship_store_bytes")
+    for name in [*PRESETS, *PRESETS]:  # every preset, twice: more than any store limit
+        body = {"model": name, "token_ids": prompt[:256].tolist()}
+        if path == "/v1/route":
+            assert _post_json(b, path, body)["target"] == "local"
+        else:
+            assert _post_json(b, path, body)["cached_tokens"] == 0
+    assert _post_json(b, "/v1/lookup", held)["cached_tokens"] == 640
+    assert b.metric("kvship_store_bytes") == stored

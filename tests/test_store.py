@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvship.layout import FullAttention, LinearState, ModelLayout, block_keys
+from kvship.layout import FullAttention, LinearState, ModelLayout
 from kvship.store import (
     BlockStore,
     ByteBudget,
