@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from ..addresses import split_hostport
 from ..protocol import (
@@ -34,6 +35,18 @@ FrameHandler = Callable[["FramedProtocol", Frame], None]
 CloseHandler = Callable[["FramedProtocol", BaseException | None], None]
 
 
+@runtime_checkable
+class StreamTransport(Protocol):
+    """What FramedProtocol needs of its transport: asyncio's stream transports and uvloop's
+    (which are not subclasses of ``asyncio.Transport``) both have it."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+
 class FramedProtocol(asyncio.BufferedProtocol):
     def __init__(
         self,
@@ -46,7 +59,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self.on_frame = on_frame
         self.on_close = on_close
         self.on_error = on_error
-        self.transport: asyncio.Transport | None = None
+        self.transport: StreamTransport | None = None
         self.error: BaseException | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._drained = asyncio.Event()
@@ -65,7 +78,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
 
     # ----------------------------------------------------------- asyncio API
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        if not isinstance(transport, StreamTransport):
+            raise TypeError(f"FramedProtocol needs a stream transport, got {transport!r}")
+        self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -142,7 +157,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
             and not (self.conn.closed)
         )
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError(f"connection to {self.peername} is closed")
         self.transport.write(data)
@@ -166,7 +181,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
                 self._credit.clear()
                 await self._credit.wait()
             self.write(self.conn.chunk_header(meta, len(data)))
-            self.write(data)  # type: ignore[arg-type]
+            self.write(data)
             await self.drain()
 
     def grant(self, nbytes: int) -> None:
@@ -207,7 +222,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-def _consume(future: asyncio.Future[object]) -> None:
+def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 

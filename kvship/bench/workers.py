@@ -42,7 +42,7 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
     layout = uniform_layout(args.layers, np.float16, (layer_bytes // 2,))
     client = Client(args.address, arena_bytes=args.arena_bytes, chunk_bytes=args.chunk_bytes)
     # The engine does not hash its layers: the bench's own check runs before the clock.
-    digests = [xxhash.xxh3_64_hexdigest(stamp(base, layer)) for layer in range(args.layers)]
+    digests = [xxhash.xxh3_64_hexdigest(stamp(base, layer).data) for layer in range(args.layers)]
     sender = await client.send(args.request_id, layout, peer=args.peer, token_ids=range(128))
     cpu0 = time.process_time()
     t_first = time.monotonic()
@@ -73,7 +73,7 @@ async def recv(args: argparse.Namespace) -> dict[str, object]:
     digests: dict[int, str] = {}
     arrivals = []
     async for layer, array in receiver:
-        digests[layer] = xxhash.xxh3_64_hexdigest(array)
+        digests[layer] = xxhash.xxh3_64_hexdigest(array.data)
         arrivals.append(time.monotonic())
     return {
         "t_first_layer": arrivals[0],

@@ -223,8 +223,8 @@ class Subscription:
             if nbytes:
                 assert offset is not None
                 view = self.view(offset, nbytes)
-                for chunk_offset, buf in transfer.held_chunks(layer):  # came before the region
-                    view[chunk_offset : chunk_offset + len(buf)] = buf
+                for chunk_offset, data in transfer.held_chunks(layer):  # came before the region
+                    view[chunk_offset : chunk_offset + len(data)] = data
                 transfer.fill_from_store(layer, view)
             self.conn.send(LayerReady(self.tid, layer, offset or 0, nbytes))
             return True

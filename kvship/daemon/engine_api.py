@@ -72,7 +72,7 @@ class EngineSession:
             if send is None:
                 conn.grant(n)
             else:
-                send.add_chunk(frame.meta, frame.data, lambda: conn.grant(n))
+                send.add_chunk(frame.meta, frame.view, lambda: conn.grant(n))
         elif isinstance(frame, Open):
             self._on_open(conn, frame)
         elif isinstance(frame, End):

@@ -200,7 +200,7 @@ class IncomingTransfer:
         return self.destination(meta)
 
     def on_chunk(self, conn: FramedProtocol, chunk: Chunk, in_arena: bool) -> None:
-        meta, data = chunk.meta, chunk.data
+        meta, data = chunk.meta, chunk.view
         if self.state is not TransferState.OPEN:  # failed: bytes are read and dropped
             conn.grant(len(data))
             return
@@ -247,7 +247,10 @@ class IncomingTransfer:
         if in_arena:
             conn.grant(wire)
         else:
-            self.held.setdefault(meta.layer, []).append((meta.offset, data.obj))  # type: ignore[arg-type]
+            # Outside an arena, sink() and destination() put chunks in a scratch bytearray.
+            scratch = data.obj
+            assert isinstance(scratch, bytearray), type(scratch)
+            self.held.setdefault(meta.layer, []).append((meta.offset, scratch))
             self.ctx.budget.hold(conn, n, wire)
             metrics.chunks_staged.inc()
         self.record.bytes_done += n

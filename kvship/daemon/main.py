@@ -68,9 +68,9 @@ async def serve(
         host, port = split_hostport(config.control_listen)
         site = web.TCPSite(runner, host, port)
         await site.start()
-        server = site._server
-        if server is not None and server.sockets:
-            h, p = server.sockets[0].getsockname()[:2]
+        bound = runner.addresses  # the sockets' names; this site is the runner's only one
+        if bound:
+            h, p = bound[0][:2]
             daemon.addresses["control"] = join_hostport(h, p)
     if ready_file:
         with open(ready_file + ".tmp", "w") as fh:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, Manifest, skipped_bytes, skipped_chunks
@@ -52,7 +54,17 @@ def _nothing() -> None:
 
 
 CHUNK_OVERHEAD = HEADER_SIZE + ChunkMeta.FIXED.size  # bytes a CHUNK frame adds to its data
-_END = object()
+
+
+class _End(enum.Enum):
+    """The marker that closes a stripe's queue (an enum, so the type checker can narrow)."""
+
+    END = enum.auto()
+
+
+_END: Final = _End.END
+_Queued = tuple[ChunkMeta, memoryview, Release, float]
+"""A chunk on a stripe's queue: meta, bytes, release, and when it was queued."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class OutgoingTransfer:
         self.opened = opened
         self.id = transfer_id
         self.n_stripes = ctx.links.settings.connections
-        self.queues: list[asyncio.Queue[tuple[ChunkMeta, memoryview, Release] | object]] = [
+        self.queues: list[asyncio.Queue[_Queued | _End]] = [
             asyncio.Queue() for _ in range(self.n_stripes)
         ]
         self.checksums = [0] * opened.n_chunks
@@ -216,7 +228,7 @@ class OutgoingTransfer:
             if item is _END:
                 conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
                 return
-            meta, data, release, queued_at = item  # type: ignore[misc]
+            meta, data, release, queued_at = item
             self.queued_bytes -= len(data)
             link.figures.waited(time.monotonic() - queued_at)
             if meta.chunk_index in self.skip:  # the receiver holds it already
@@ -297,7 +309,7 @@ class OutgoingTransfer:
             while not q.empty():
                 item = q.get_nowait()
                 if item is not _END:
-                    item[2]()  # type: ignore[index]
+                    item[2]()
         if self.link is not None:
             self.link.transfers.pop(self.id, None)
         self.ctx.on_finished(self)

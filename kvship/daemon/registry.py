@@ -128,6 +128,10 @@ class TransferRegistry:
         return reaped
 
     def to_json(self) -> list[dict[str, Any]]:
-        live = [t.record for t in (*self.outgoing.values(), *self.incoming.values())]
+        transfers: tuple[OutgoingTransfer | IncomingTransfer, ...] = (
+            *self.outgoing.values(),
+            *self.incoming.values(),
+        )
+        live = [t.record for t in transfers]
         records = {r.transfer_id: r for r in (*self.history.values(), *live)}
         return [r.to_json() for r in records.values()]

@@ -251,6 +251,6 @@ class Daemon:
         return ControlView(self.health, self.metrics, self.registry, self.links, self.stores)
 
 
-def _bound(server: asyncio.AbstractServer) -> str:
+def _bound(server: asyncio.Server) -> str:
     host, port = server.sockets[0].getsockname()[:2]
     return join_hostport(host, port)

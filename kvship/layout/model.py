@@ -176,7 +176,9 @@ class ModelLayout:
 
     @property
     def block_tokens(self) -> int:
-        return self.layers[self.full_layers[0]].block_tokens  # type: ignore[union-attr]
+        first = self.layers[self.full_layers[0]]
+        assert isinstance(first, FullAttention)  # full_layers holds only those
+        return first.block_tokens
 
     @property
     def full_layers(self) -> tuple[int, ...]:
@@ -251,7 +253,8 @@ class ModelLayout:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelLayout:
+    def from_dict(cls, data: object) -> ModelLayout:
+        """Build and check a layout from parsed TOML/JSON (any value: LayoutError if bad)."""
         if not isinstance(data, Mapping):
             raise LayoutError("layout", "must be a table/object")
         unknown = set(data) - {"name", "model_id", "tp_rank", "layers"}

@@ -155,7 +155,7 @@ class Encoder:
             return None
         out = self._buffer(len(frame))
         out[: len(frame)] = np.frombuffer(frame, np.uint8)
-        return memoryview(out)[: len(frame)]
+        return out.data[: len(frame)]
 
     def _encode_split16(self, src: memoryview, limit: int) -> memoryview | None:
         n = len(src)
@@ -165,19 +165,19 @@ class Encoder:
         high = self._high[:m]
         vals = split.values(src, m)
         split.split_high(vals, high)
-        frame = self._high_zstd.compress(high)
+        frame = self._high_zstd.compress(high.data)
         hi_len = len(frame)
         total = split.HEADER_SIZE + hi_len + m + tail
         if total > limit:  # decided before the low plane is touched
             return None
         out = self._buffer(total)
-        split.HEADER.pack_into(out, 0, split.CODER_ZSTD, 0, 0, hi_len)
+        split.HEADER.pack_into(out.data, 0, split.CODER_ZSTD, 0, 0, hi_len)
         low_at = split.HEADER_SIZE + hi_len
         out[split.HEADER_SIZE : low_at] = np.frombuffer(frame, np.uint8)
         split.split_low(vals, out[low_at : low_at + m])
         if tail:
             out[total - 1] = src[n - 1]
-        return memoryview(out)[:total]
+        return out.data[:total]
 
 
 class Decoder:
@@ -249,7 +249,7 @@ class Decoder:
         if len(self._high) < m:
             self._high = np.empty(m, np.uint8)
         high = self._high[:m]
-        self._unzstd(src[split.HEADER_SIZE : low_at], memoryview(high))
+        self._unzstd(src[split.HEADER_SIZE : low_at], high.data)
         low = np.frombuffer(src, np.uint8, count=m, offset=low_at)
         split.join(high, low, split.values(dst, m))
         if tail:

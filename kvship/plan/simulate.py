@@ -397,10 +397,10 @@ class _Simulator:
         # Piecewise-constant capacity: exact for a StepSchedule; any other callable is read
         # every _GENERIC_SCHEDULE_STEP_S. Never past max_time (the link may stay down).
         t, left = start, nbytes
-        step = isinstance(self.schedule, StepSchedule)
+        step = self.schedule if isinstance(self.schedule, StepSchedule) else None
         while t <= self.max_time:
             rate = self.capacity(t) * 1e9 / 8
-            seg_end = self.schedule.next_change(t) if step else t + _GENERIC_SCHEDULE_STEP_S
+            seg_end = step.next_change(t) if step is not None else t + _GENERIC_SCHEDULE_STEP_S
             if rate > 0 and left <= rate * (seg_end - t):
                 return t + left / rate
             if math.isinf(seg_end):
@@ -641,7 +641,7 @@ def _egress(
     knots_t[0::2], knots_t[1::2] = starts, ends
     knots_b[0::2], knots_b[1::2] = cum - nbytes, cum
 
-    def sent(t: np.ndarray | float) -> np.ndarray:
+    def sent(t: np.ndarray | float) -> np.ndarray | np.float64:
         return np.interp(t, knots_t, knots_b, left=0.0, right=float(cum[-1]))
 
     mean = float(sent(t1) - sent(t0)) * 8 / 1e9 / (t1 - t0)

@@ -13,7 +13,7 @@ import struct
 import sys
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 from .errors import ErrorCode, ProtocolError
 
@@ -347,7 +347,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _is_text(value: Any) -> bool:
+def _is_text(value: object) -> TypeGuard[str]:
     """A str that UTF-8 can carry: a JSON escape like \\ud800 yields a lone surrogate."""
     if not isinstance(value, str):
         return False
@@ -430,6 +430,12 @@ class Chunk:
     TYPE: ClassVar[int] = FrameType.CHUNK
     meta: ChunkMeta
     data: memoryview | bytes
+
+    @property
+    def view(self) -> memoryview:
+        """``data`` as a memoryview: itself for a received chunk (Connection hands out the
+        payload sink's view), a new view over it for one built from bytes."""
+        return self.data if isinstance(self.data, memoryview) else memoryview(self.data)
 
     @staticmethod
     def header(meta: ChunkMeta, wire_length: int) -> bytes:

@@ -77,7 +77,7 @@ class TokenBucket:
     def add_listener(self, callback: Callable[[], Any]) -> None:
         """Call ``callback()`` after every :meth:`set_limits` (bound methods held weakly)."""
         if hasattr(callback, "__self__") and hasattr(callback, "__func__"):
-            self._listeners.append(weakref.WeakMethod(callback))  # type: ignore[arg-type]
+            self._listeners.append(weakref.WeakMethod(callback))
         else:
             self._listeners.append(callback)
 

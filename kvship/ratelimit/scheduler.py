@@ -278,12 +278,13 @@ class Scheduler:
         self.name = name
         self.on_grant = on_grant
         self._sleep = sleep
-        self._classes = {LATENCY: _Class(), BULK: _Class()}
+        # Keyed by the priority strings that acquire() has checked against _RANK.
+        self._classes: dict[str, _Class] = {LATENCY: _Class(), BULK: _Class()}
         self._egress = _Egress.of(global_bucket, link_bucket.clock)
         self._ready_seq: int | None = None  # place in the global FIFO while link-ready
         self._closed = False
-        self.granted_bytes = {LATENCY: 0, BULK: 0}
-        self.granted_requests = {LATENCY: 0, BULK: 0}
+        self.granted_bytes: dict[str, int] = {LATENCY: 0, BULK: 0}
+        self.granted_requests: dict[str, int] = {LATENCY: 0, BULK: 0}
         link_bucket.add_listener(self._egress.replan)
 
     async def acquire(self, transfer_key: Hashable, nbytes: int, priority: str = BULK) -> None:

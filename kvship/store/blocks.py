@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..layout.model import DTYPE_SIZES, LinearState, ModelLayout
+from ..layout.model import DTYPE_SIZES, FullAttention, LinearState, ModelLayout
 from ..layout.prefix import KEY_BYTES, namespace
 
 BLOCK, STATE = 0, 1
@@ -321,7 +321,9 @@ class BlockStore:
 
     def _check_block(self, layer: int, data: Data) -> None:
         self._check_layer(layer, full=True)
-        want = self.layout.layers[layer].block_bytes  # type: ignore[union-attr]
+        spec = self._need_layout().layers[layer]
+        assert isinstance(spec, FullAttention)  # _check_layer made sure
+        want = spec.block_bytes
         got = _nbytes(data)
         if got != want:
             raise SizeMismatch(f"layer {layer}: block of {got} bytes, layout says {want}")
@@ -329,7 +331,8 @@ class BlockStore:
     def _state_bytes(self, layer: int, state: Data | Sequence[Any]) -> Data:
         """The state's bytes, after checking them against the layer's shapes."""
         self._check_layer(layer, full=False)
-        spec: LinearState = self.layout.layers[layer]  # type: ignore[assignment, union-attr]
+        spec = self._need_layout().layers[layer]
+        assert isinstance(spec, LinearState)  # _check_layer made sure
         if isinstance(state, bytes | bytearray | memoryview):
             if _nbytes(state) != spec.state_bytes:
                 raise StateShapeError(
