@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import secrets
 import socket
 import struct
@@ -69,14 +70,50 @@ def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPr
         yield pair
 
 
+POLL_S = 0.02  # how often wait_until / wait_for_condition look again
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` (bounded by ``timeout``); fail the test if it never holds."""
+    """Poll ``predicate`` (bounded by ``timeout``); fail the test if it never holds.
+
+    Blocking (``time.sleep`` between polls): for sync tests only. In an ``async def``
+    test use :func:`wait_for_condition`, which lets the test's event loop run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.02)
+        time.sleep(POLL_S)
     pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+async def wait_for_condition(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+) -> None:
+    """The async :func:`wait_until`: poll ``predicate`` with ``asyncio.sleep`` between
+    polls, so the loop keeps running the test's other tasks (a good transfer, a receiver);
+    fail the test if it does not hold within ``timeout``.
+
+    ``predicate`` may return an awaitable (then it is awaited): a check that does blocking
+    I/O, such as a daemon's /metrics or /v1/..., runs off the loop that way, e.g.
+    ``await wait_for_condition(off_loop(lambda: error_count(b, "BAD_MAGIC") == 1))``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(POLL_S)
+    pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+def off_loop(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """``check`` (blocking: reads a daemon over HTTP, a file ...) as a predicate for
+    :func:`wait_for_condition` that runs in a worker thread, never on the loop."""
+    return lambda: asyncio.to_thread(check)
 
 
 @dataclass
@@ -97,19 +134,36 @@ class LogMark:
             fh.seek(self.offset)
             return fh.read().decode(errors="replace")
 
+    def line_with(self, *needles: str) -> str | None:
+        """The first new log line holding every needle, or None (no waiting)."""
+        for line in self.since().splitlines():
+            if all(n in line for n in needles):
+                return line
+        return None
+
     def wait_for(self, *needles: str, timeout: float = 10.0) -> str:
-        """The first new log line holding every needle (waits for it, bounded)."""
-        found: list[str] = []
+        """The first new log line holding every needle (waits for it, bounded). Blocking:
+        in an ``async def`` test use :meth:`wait_for_async`."""
+        wait_until(
+            lambda: self.line_with(*needles) is not None,
+            timeout,
+            f"a log line with {needles!r} in {self.daemon.name}",
+        )
+        line = self.line_with(*needles)
+        assert line is not None
+        return line
 
-        def has() -> bool:
-            for line in self.since().splitlines():
-                if all(n in line for n in needles):
-                    found.append(line)
-                    return True
-            return False
-
-        wait_until(has, timeout, f"a log line with {needles!r} in {self.daemon.name}")
-        return found[0]
+    async def wait_for_async(self, *needles: str, timeout: float = 10.0) -> str:
+        """:meth:`wait_for` for async tests: polls with ``asyncio.sleep``, reads the log
+        in a worker thread."""
+        await wait_for_condition(
+            off_loop(lambda: self.line_with(*needles) is not None),
+            timeout,
+            f"a log line with {needles!r} in {self.daemon.name}",
+        )
+        line = self.line_with(*needles)
+        assert line is not None
+        return line
 
 
 def error_count(daemon: DaemonProcess, code: str) -> float:
@@ -354,16 +408,21 @@ async def good_transfer(
     arrays = random_layers(n_layers, layer_bytes, seed)
     tokens = list(range(seed, seed + 17))
     engine = "engine" if tcp else "engine_socket"
-    recv_client, send_client = Client(dst.addresses[engine]), Client(src.addresses[engine])
-    receiving = asyncio.create_task(receive_all(recv_client, request_id))
-    try:
-        result = await asyncio.wait_for(
-            send_layers(send_client, request_id, arrays, dst.peer, token_ids=tokens, pause=pause),
-            60,
-        )
-        got, receiver = await asyncio.wait_for(receiving, 60)
-    finally:
-        receiving.cancel()
+    async with (
+        Client(dst.addresses[engine]) as recv_client,
+        Client(src.addresses[engine]) as send_client,
+    ):
+        receiving = asyncio.create_task(receive_all(recv_client, request_id))
+        try:
+            result = await asyncio.wait_for(
+                send_layers(
+                    send_client, request_id, arrays, dst.peer, token_ids=tokens, pause=pause
+                ),
+                60,
+            )
+            got, receiver = await asyncio.wait_for(receiving, 60)
+        finally:
+            receiving.cancel()
     assert sorted(got) == list(range(n_layers))
     for i, array in enumerate(arrays):
         assert same_bytes(got[i], array), f"layer {i} differs"

@@ -40,10 +40,10 @@ def test_create_makes_a_private_kvship_file_under_dev_shm(arena: Arena) -> None:
     assert len(arena.buffer) == arena.size == 4096
 
 
-def test_create_refuses_non_positive_sizes() -> None:
-    for size in (0, -1):
-        with pytest.raises(ValueError):
-            Arena.create(size)
+@pytest.mark.parametrize("size", [0, -1])
+def test_create_refuses_non_positive_sizes(size: int) -> None:
+    with pytest.raises(ValueError):
+        Arena.create(size)
 
 
 def test_attach_shares_the_bytes(arena: Arena) -> None:
@@ -135,10 +135,10 @@ def test_attach_refuses_non_kvship_names_and_subdirectories(tmp_path: Path) -> N
         Arena.attach(f"{SHM_DIR}/sub/kvship-x", 4096)
 
 
-def test_attach_refuses_a_size_mismatch(arena: Arena) -> None:
-    for size in (4095, 4097, 0):
-        with pytest.raises(ValueError, match="announced"):
-            Arena.attach(arena.path, size)
+@pytest.mark.parametrize("size", [4095, 4097, 0])
+def test_attach_refuses_a_size_mismatch(arena: Arena, size: int) -> None:
+    with pytest.raises(ValueError, match="announced"):
+        Arena.attach(arena.path, size)
 
 
 def test_attach_of_a_missing_file_is_an_os_error() -> None:

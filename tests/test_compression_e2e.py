@@ -44,9 +44,13 @@ async def test_split16_ships_real_bf16_bit_exact_and_smaller(
     before_payload = a.metric("kvship_payload_bytes_sent")
     before_wire = a.metric("kvship_wire_bytes_sent")
     rid = f"bf16-split-{doc}"
-    receiving = asyncio.create_task(receive_all(Client(b.socket_path), rid))
-    result = await send_layers(Client(a.socket_path), rid, arrays, b.peer)
-    got, receiver = await asyncio.wait_for(receiving, 60)
+    async with Client(b.socket_path) as engine_b, Client(a.socket_path) as engine_a:
+        receiving = asyncio.create_task(receive_all(engine_b, rid))
+        try:
+            result = await send_layers(engine_a, rid, arrays, b.peer)
+            got, receiver = await asyncio.wait_for(receiving, 60)
+        finally:
+            receiving.cancel()
     assert receiver.complete and receiver.digest == result.digest
     for i, array in enumerate(arrays):
         assert same_bytes(got[i], array), f"layer {i} differs"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import urllib.request
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,12 @@ from conftest import (
     goaway_of,
     good_transfer,
     new_tid,
+    off_loop,
     open_frame,
     parse_frames,
     peer_hello,
     running_pair,
+    wait_for_condition,
     wait_until,
 )
 from kvship import Client
@@ -42,6 +45,7 @@ from kvship.protocol import (
     ErrorCode,
     FrameType,
     Hello,
+    HelloAck,
     Ping,
     chunk_checksum,
     frame_header,
@@ -71,77 +75,93 @@ async def with_good_transfer(pair: tuple[DaemonProcess, ...], hostile: Awaitable
     assert b.proc is not None and b.proc.poll() is None, "the decode daemon died"
 
 
-def check_counted(daemon: DaemonProcess, code: ErrorCode, before: float) -> None:
-    wait_until(
-        lambda: error_count(daemon, code.name) == before + 1,
+async def check_counted(daemon: DaemonProcess, code: ErrorCode, before: float) -> None:
+    await wait_for_condition(
+        off_loop(lambda: error_count(daemon, code.name) == before + 1),
         what=f"kvship_protocol_errors_total{{code={code.name}}} to go up by one",
     )
 
 
-async def test_garbage_preface_is_bad_magic(pair: tuple[DaemonProcess, ...]) -> None:
-    """Bytes that are not the kvship preface -> GOAWAY BAD_MAGIC."""
-    b = pair[1]
-    before, mark = error_count(b, "BAD_MAGIC"), LogMark.of(b)
+@dataclass(frozen=True)
+class Refused:
+    """A hostile peer's bytes and the GOAWAY code they must earn."""
 
-    async def hostile() -> None:
-        peer = await RawPeer.connect(b.peer)
-        await peer.send(b"GET / HT")  # exactly the 8 bytes the daemon compares
+    code: ErrorCode
+    handshake: bool  # a valid preface + HELLO (and its HELLO_ACK) first
+    # What follows, given the HELLO_ACK if any: the writes in order, each drained before the
+    # next (as one write, a refusal may come with our bytes unread and reset the GOAWAY away).
+    writes: Callable[[HelloAck | None], list[bytes]]
+
+
+def _layout_mismatch(_ack: HelloAck | None) -> list[bytes]:
+    # Chunk 0 lies in layer 0; this one claims layer 1. Only header + meta are sent: the
+    # daemon refuses on the meta, before the data.
+    tid = new_tid()
+    return [
+        open_frame(tid, f"layout-{tid:x}", [8192, 8192], 4096),
+        chunk_frame(tid, 0, 1, 0, bytes(4096))[: 8 + 40],
+    ]
+
+
+def _oversized(ack: HelloAck | None) -> list[bytes]:
+    assert ack is not None
+    return [frame_header(FrameType.PING, ack.max_frame + 1)]
+
+
+REFUSED = [
+    # Bytes that are not the kvship preface: exactly the 8 bytes the daemon compares.
+    pytest.param(Refused(ErrorCode.BAD_MAGIC, False, lambda _: [b"GET / HT"]), id="bad-magic"),
+    # HELLO offering versions 2..3 only: no HELLO_ACK.
+    pytest.param(
+        Refused(
+            ErrorCode.UNSUPPORTED_VERSION,
+            False,
+            lambda _: [peer_hello(min_version=2, max_version=3)],
+        ),
+        id="unsupported-version",
+    ),
+    # A 4 GiB length before the handshake completed (64 KiB limit there).
+    pytest.param(
+        Refused(
+            ErrorCode.FRAME_TOO_LARGE,
+            False,
+            lambda _: [MAGIC + frame_header(FrameType.HELLO, 0xFFFFFFFF)],
+        ),
+        id="huge-length-in-handshake",
+    ),
+    # After a good handshake, a header announcing max_frame + 1 body bytes: refused on the
+    # header, before any body is read.
+    pytest.param(Refused(ErrorCode.FRAME_TOO_LARGE, True, _oversized), id="frame-too-large"),
+    # A CHUNK whose layer contradicts its index in the OPEN's layout.
+    pytest.param(Refused(ErrorCode.LAYOUT_MISMATCH, True, _layout_mismatch), id="layout-mismatch"),
+]
+
+
+async def refused(daemon: DaemonProcess, case: Refused, before: float, mark: LogMark) -> None:
+    """Play ``case`` against ``daemon``: the connection ends in a GOAWAY with its code (no
+    HELLO_ACK without a handshake), counted once in /metrics, logged with our address."""
+    peer = await RawPeer.connect(daemon.peer)
+    try:
+        ack = await peer.handshake() if case.handshake else None
+        for data in case.writes(ack):
+            await peer.send(data)
         goaway = await peer.goaway()
+    finally:
         peer.close()
-        assert goaway.code == ErrorCode.BAD_MAGIC, goaway
-        check_counted(b, ErrorCode.BAD_MAGIC, before)
-        mark.wait_for("BAD_MAGIC", peer.local)
-
-    await with_good_transfer(pair, hostile())
-
-
-async def test_wrong_version_is_unsupported(pair: tuple[DaemonProcess, ...]) -> None:
-    """HELLO offering versions 2..3 only -> GOAWAY UNSUPPORTED_VERSION, no HELLO_ACK."""
-    b = pair[1]
-    before, mark = error_count(b, "UNSUPPORTED_VERSION"), LogMark.of(b)
-
-    async def hostile() -> None:
-        peer = await RawPeer.connect(b.peer)
-        await peer.send(peer_hello(min_version=2, max_version=3))
-        goaway = await peer.goaway()
-        peer.close()
-        assert goaway.code == ErrorCode.UNSUPPORTED_VERSION, goaway
+    assert goaway.code == case.code, goaway
+    if not case.handshake:
         assert FrameType.HELLO_ACK not in [t for t, _ in peer.frames]
-        check_counted(b, ErrorCode.UNSUPPORTED_VERSION, before)
-        mark.wait_for("UNSUPPORTED_VERSION", peer.local)
-
-    await with_good_transfer(pair, hostile())
+    await check_counted(daemon, case.code, before)
+    await mark.wait_for_async(case.code.name, peer.local)
 
 
-async def test_oversized_length_is_frame_too_large(pair: tuple[DaemonProcess, ...]) -> None:
-    """After a good handshake, a header announcing max_frame + 1 body bytes -> FRAME_TOO_LARGE
-    (refused on the header, before any body is read)."""
+@pytest.mark.parametrize("case", REFUSED)
+async def test_hostile_bytes_get_goaway(pair: tuple[DaemonProcess, ...], case: Refused) -> None:
+    """Each hostile byte stream gets its GOAWAY code, counted and logged, while a good
+    transfer runs (and after it, one more) bit-exact."""
     b = pair[1]
-    before, mark = error_count(b, "FRAME_TOO_LARGE"), LogMark.of(b)
-
-    async def hostile() -> None:
-        peer = await RawPeer.connect(b.peer)
-        ack = await peer.handshake()
-        await peer.send(frame_header(FrameType.PING, ack.max_frame + 1))
-        goaway = await peer.goaway()
-        peer.close()
-        assert goaway.code == ErrorCode.FRAME_TOO_LARGE, goaway
-        check_counted(b, ErrorCode.FRAME_TOO_LARGE, before)
-        mark.wait_for("FRAME_TOO_LARGE", peer.local)
-
-    await with_good_transfer(pair, hostile())
-
-
-async def test_huge_length_during_handshake(pair: tuple[DaemonProcess, ...]) -> None:
-    """A 4 GiB length before the handshake completed -> FRAME_TOO_LARGE (64 KiB limit)."""
-    b = pair[1]
-    before = error_count(b, "FRAME_TOO_LARGE")
-    peer = await RawPeer.connect(b.peer)
-    await peer.send(MAGIC + frame_header(FrameType.HELLO, 0xFFFFFFFF))
-    goaway = await peer.goaway()
-    peer.close()
-    assert goaway.code == ErrorCode.FRAME_TOO_LARGE, goaway
-    check_counted(b, ErrorCode.FRAME_TOO_LARGE, before)
+    before, mark = error_count(b, case.code.name), LogMark.of(b)
+    await with_good_transfer(pair, refused(b, case, before, mark))
 
 
 async def test_truncated_frame_then_eof(pair: tuple[DaemonProcess, ...]) -> None:
@@ -154,25 +174,28 @@ async def test_truncated_frame_then_eof(pair: tuple[DaemonProcess, ...]) -> None
 
     async def hostile() -> None:
         peer = await RawPeer.connect(b.peer)
-        await peer.handshake()
-        await peer.send(open_frame(tid, rid, [8192, 8192], 8192))
-        receiver = await Client(b.socket_path).receive(rid, timeout=10)
-        await peer.send(chunk_frame(tid, 0, 0, 0, layer0))
-        whole = chunk_frame(tid, 1, 1, 0, layer1)
-        await peer.send(whole[: len(whole) - 100])  # 100 bytes short
-        await peer.half_close()
-        frames = await peer.until_closed()
-        peer.close()
-        goaway = goaway_of(frames)  # optional after our EOF; if it comes, it says why
-        assert goaway is None or goaway.code == ErrorCode.MALFORMED_FRAME, goaway
-        check_counted(b, ErrorCode.MALFORMED_FRAME, before)
-        mark.wait_for("MALFORMED_FRAME", peer.local)
-        delivered: list[int] = []
-        with pytest.raises(TransferError):
-            async for layer, array in receiver.layers(copy=True):
-                delivered.append(layer)
-                assert array.tobytes() == layer0  # only a verified, whole layer may come
-        assert 1 not in delivered and not receiver.complete
+        async with Client(b.socket_path) as engine:
+            try:
+                await peer.handshake()
+                await peer.send(open_frame(tid, rid, [8192, 8192], 8192))
+                receiver = await engine.receive(rid, timeout=10)
+                await peer.send(chunk_frame(tid, 0, 0, 0, layer0))
+                whole = chunk_frame(tid, 1, 1, 0, layer1)
+                await peer.send(whole[: len(whole) - 100])  # 100 bytes short
+                await peer.half_close()
+                frames = await peer.until_closed()
+            finally:
+                peer.close()
+            goaway = goaway_of(frames)  # optional after our EOF; if it comes, it says why
+            assert goaway is None or goaway.code == ErrorCode.MALFORMED_FRAME, goaway
+            await check_counted(b, ErrorCode.MALFORMED_FRAME, before)
+            await mark.wait_for_async("MALFORMED_FRAME", peer.local)
+            delivered: list[int] = []
+            with pytest.raises(TransferError):
+                async for layer, array in receiver.layers(copy=True):
+                    delivered.append(layer)
+                    assert array.tobytes() == layer0  # only a verified, whole layer may come
+            assert 1 not in delivered and not receiver.complete
 
     await with_good_transfer(pair, hostile())
 
@@ -187,29 +210,32 @@ async def test_corrupt_chunk_is_checksum_mismatch(pair: tuple[DaemonProcess, ...
 
     async def hostile() -> None:
         peer = await RawPeer.connect(b.peer)
-        await peer.handshake()
-        await peer.send(open_frame(tid, rid, [8192, 8192], 4096))
-        receiver = await Client(b.socket_path).receive(rid, timeout=10)
-        await peer.send(chunk_frame(tid, 0, 0, 0, layer0[:4096]))
-        await peer.send(chunk_frame(tid, 1, 0, 4096, layer0[4096:]))
-        await peer.send(chunk_frame(tid, 2, 1, 0, layer1[:4096]))
-        flipped = bytes([layer1[4096] ^ 0x01]) + layer1[4097:]
-        await peer.send(
-            chunk_frame(tid, 3, 1, 4096, flipped, checksum=chunk_checksum(layer1[4096:]))
-        )  # the checksum of the original bytes, one bit flipped on the wire
-        goaway = await peer.goaway()
-        peer.close()
-        assert goaway.code == ErrorCode.CHECKSUM_MISMATCH, goaway
-        check_counted(b, ErrorCode.CHECKSUM_MISMATCH, before)
-        mark.wait_for("CHECKSUM_MISMATCH", peer.local)
-        delivered: list[int] = []
-        with pytest.raises(IntegrityError) as info:
-            async for layer, array in receiver.layers(copy=True):
-                delivered.append(layer)
-                assert array.tobytes() == layer0
-        assert info.value.code == ErrorCode.CHECKSUM_MISMATCH
-        assert 1 not in delivered and not receiver.complete
-        record = b.get_json(f"/v1/transfers/{rid}")
+        async with Client(b.socket_path) as engine:
+            try:
+                await peer.handshake()
+                await peer.send(open_frame(tid, rid, [8192, 8192], 4096))
+                receiver = await engine.receive(rid, timeout=10)
+                await peer.send(chunk_frame(tid, 0, 0, 0, layer0[:4096]))
+                await peer.send(chunk_frame(tid, 1, 0, 4096, layer0[4096:]))
+                await peer.send(chunk_frame(tid, 2, 1, 0, layer1[:4096]))
+                flipped = bytes([layer1[4096] ^ 0x01]) + layer1[4097:]
+                await peer.send(
+                    chunk_frame(tid, 3, 1, 4096, flipped, checksum=chunk_checksum(layer1[4096:]))
+                )  # the checksum of the original bytes, one bit flipped on the wire
+                goaway = await peer.goaway()
+            finally:
+                peer.close()
+            assert goaway.code == ErrorCode.CHECKSUM_MISMATCH, goaway
+            await check_counted(b, ErrorCode.CHECKSUM_MISMATCH, before)
+            await mark.wait_for_async("CHECKSUM_MISMATCH", peer.local)
+            delivered: list[int] = []
+            with pytest.raises(IntegrityError) as info:
+                async for layer, array in receiver.layers(copy=True):
+                    delivered.append(layer)
+                    assert array.tobytes() == layer0
+            assert info.value.code == ErrorCode.CHECKSUM_MISMATCH
+            assert 1 not in delivered and not receiver.complete
+        record = await asyncio.to_thread(b.get_json, f"/v1/transfers/{rid}")
         assert record["state"] == "failed" and "CHECKSUM_MISMATCH" in record["error"]
 
     await with_good_transfer(pair, hostile())
@@ -246,28 +272,6 @@ async def test_corrupt_engine_chunk_aborts_only_that_transfer(
     assert error_count(b, "CHECKSUM_MISMATCH") == peer_errors_before
 
 
-async def test_chunk_outside_layout_is_layout_mismatch(pair: tuple[DaemonProcess, ...]) -> None:
-    """A CHUNK whose layer contradicts its index in the OPEN's layout -> LAYOUT_MISMATCH."""
-    b = pair[1]
-    before, mark = error_count(b, "LAYOUT_MISMATCH"), LogMark.of(b)
-    tid = new_tid()
-
-    async def hostile() -> None:
-        peer = await RawPeer.connect(b.peer)
-        await peer.handshake()
-        await peer.send(open_frame(tid, f"layout-{tid:x}", [8192, 8192], 4096))
-        # Chunk 0 lies in layer 0; this one claims layer 1. Only header + meta are sent:
-        # the daemon refuses on the meta, before the data.
-        await peer.send(chunk_frame(tid, 0, 1, 0, bytes(4096))[: 8 + 40])
-        goaway = await peer.goaway()
-        peer.close()
-        assert goaway.code == ErrorCode.LAYOUT_MISMATCH, goaway
-        check_counted(b, ErrorCode.LAYOUT_MISMATCH, before)
-        mark.wait_for("LAYOUT_MISMATCH", peer.local)
-
-    await with_good_transfer(pair, hostile())
-
-
 async def test_chunk_beyond_credit_is_flow_control(tmp_path: Path) -> None:
     """A peer that keeps sending while the daemon withholds credit -> FLOW_CONTROL.
 
@@ -281,21 +285,18 @@ async def test_chunk_beyond_credit_is_flow_control(tmp_path: Path) -> None:
         before, mark = error_count(b, "FLOW_CONTROL"), LogMark.of(b)
         tid, size = new_tid(), WINDOW
 
-        async def hostile() -> None:
-            peer = await RawPeer.connect(b.peer)
-            ack = await peer.handshake()
+        def overrun(ack: HelloAck | None) -> list[bytes]:
+            assert ack is not None
             assert ack.initial_window == WINDOW and ack.max_chunk == size
-            await peer.send(open_frame(tid, f"flow-{tid:x}", [3 * size], size))
-            await peer.send(chunk_frame(tid, 0, 0, 0, bytes(size)))  # credited back
-            await peer.send(chunk_frame(tid, 1, 0, size, bytes(size)))  # credit withheld
-            await peer.send(chunk_frame(tid, 2, 0, 2 * size, bytes(size))[: 8 + 40])
-            goaway = await peer.goaway()
-            peer.close()
-            assert goaway.code == ErrorCode.FLOW_CONTROL, goaway
-            check_counted(b, ErrorCode.FLOW_CONTROL, before)
-            mark.wait_for("FLOW_CONTROL", peer.local)
+            return [
+                open_frame(tid, f"flow-{tid:x}", [3 * size], size),
+                chunk_frame(tid, 0, 0, 0, bytes(size)),  # credited back
+                chunk_frame(tid, 1, 0, size, bytes(size)),  # credit withheld
+                chunk_frame(tid, 2, 0, 2 * size, bytes(size))[: 8 + 40],  # beyond the window
+            ]
 
-        await with_good_transfer(tight, hostile())
+        case = Refused(ErrorCode.FLOW_CONTROL, True, overrun)
+        await with_good_transfer(tight, refused(b, case, before, mark))
 
 
 def test_pre_handshake_close_logs_no_asyncio_error(tmp_path: Path) -> None:

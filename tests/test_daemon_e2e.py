@@ -23,6 +23,7 @@ from conftest import (
     running_pair,
     same_bytes,
     send_layers,
+    wait_for_condition,
 )
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess, free_port
@@ -88,19 +89,22 @@ async def ship(
     ``engine``: TCP) and check the receiver gets every layer bit-identical, with dtype,
     shape and token ids, and the same digest. With ``subscribe_first`` False the engine
     subscribes only once the whole transfer sits at the receiving daemon."""
-    send_client, recv_client = Client(src.addresses[send_via]), Client(dst.addresses[receive_via])
-    receiving = None
-    if subscribe_first:
-        receiving = asyncio.create_task(receive_all(recv_client, request_id))
-    try:
-        sending = send_layers(send_client, request_id, layers, dst.peer, token_ids=token_ids)
-        result = await asyncio.wait_for(sending, 60)
-        if receiving is None:
+    async with (
+        Client(src.addresses[send_via]) as send_client,
+        Client(dst.addresses[receive_via]) as recv_client,
+    ):
+        receiving = None
+        if subscribe_first:
             receiving = asyncio.create_task(receive_all(recv_client, request_id))
-        got, receiver = await asyncio.wait_for(receiving, 60)
-    finally:
-        if receiving is not None:
-            receiving.cancel()
+        try:
+            sending = send_layers(send_client, request_id, layers, dst.peer, token_ids=token_ids)
+            result = await asyncio.wait_for(sending, 60)
+            if receiving is None:
+                receiving = asyncio.create_task(receive_all(recv_client, request_id))
+            got, receiver = await asyncio.wait_for(receiving, 60)
+        finally:
+            if receiving is not None:
+                receiving.cancel()
     assert sorted(got) == list(range(len(layers)))
     for i, layer in enumerate(layers):
         assert same_bytes(got[i], layer), f"{request_id}: layer {i} differs"
@@ -145,8 +149,12 @@ async def test_tcp_receive_of_staged_transfer(daemons: tuple[DaemonProcess, Daem
     for attempt in range(8):
         layers = random_layers(2, 256 * 1024, seed=90 + attempt)
         rid = f"staged-tcp-{attempt}"
-        await send_layers(Client(a.socket_path, chunk_bytes=65536), rid, layers, b.peer)
-        got, receiver = await asyncio.wait_for(receive_all(Client(b.addresses["engine"]), rid), 30)
+        async with (
+            Client(a.socket_path, chunk_bytes=65536) as sending,
+            Client(b.addresses["engine"]) as receiving,
+        ):
+            await send_layers(sending, rid, layers, b.peer)
+            got, receiver = await asyncio.wait_for(receive_all(receiving, rid), 30)
         for i, layer in enumerate(layers):
             assert same_bytes(got[i], layer), f"{rid}: layer {i} handed over corrupted"
         assert receiver.complete
@@ -167,26 +175,25 @@ async def test_first_layer_arrives_before_last_is_put(
         events.append(("got", layer))
         first.set()
 
-    receiving = asyncio.create_task(
-        receive_all(Client(b.socket_path), "streaming", on_layer=on_layer)
-    )
-    try:
-        layout = tuple(LayerSpec(x.dtype.name, x.shape, x.nbytes) for x in arrays)
-        sender = await Client(a.socket_path).send("streaming", layout, peer=b.peer)
-        await sender.put(0, arrays[0])
-        events.append(("put", 0))
+    async with Client(b.socket_path) as decode_engine, Client(a.socket_path) as prefill_engine:
+        receiving = asyncio.create_task(receive_all(decode_engine, "streaming", on_layer=on_layer))
         try:
-            await asyncio.wait_for(first.wait(), 15)
-        except TimeoutError:
-            await sender.abort()
-            pytest.fail("no layer reached the receiver before the sender finished putting")
-        for i in range(1, len(arrays)):
-            await sender.put(i, arrays[i])
-            events.append(("put", i))
-        result = await sender.finish(30)
-        got, receiver = await asyncio.wait_for(receiving, 30)
-    finally:
-        receiving.cancel()
+            layout = tuple(LayerSpec(x.dtype.name, x.shape, x.nbytes) for x in arrays)
+            sender = await prefill_engine.send("streaming", layout, peer=b.peer)
+            await sender.put(0, arrays[0])
+            events.append(("put", 0))
+            try:
+                await asyncio.wait_for(first.wait(), 15)
+            except TimeoutError:
+                await sender.abort()
+                pytest.fail("no layer reached the receiver before the sender finished putting")
+            for i in range(1, len(arrays)):
+                await sender.put(i, arrays[i])
+                events.append(("put", i))
+            result = await sender.finish(30)
+            got, receiver = await asyncio.wait_for(receiving, 30)
+        finally:
+            receiving.cancel()
     assert events.index(("got", 0)) < events.index(("put", len(arrays) - 1))
     assert all(same_bytes(got[i], arrays[i]) for i in range(len(arrays)))
     assert receiver.digest == result.digest
@@ -196,10 +203,9 @@ async def test_first_layer_arrives_before_last_is_put(
 async def test_receive_of_unknown_request_times_out(
     daemons: tuple[DaemonProcess, DaemonProcess],
 ) -> None:
-    with pytest.raises(RequestNotFound) as info:
-        await asyncio.wait_for(
-            Client(daemons[1].socket_path).receive("never-sent", timeout=0.5), 10
-        )
+    async with Client(daemons[1].socket_path) as client:
+        with pytest.raises(RequestNotFound) as info:
+            await asyncio.wait_for(client.receive("never-sent", timeout=0.5), 10)
     assert info.value.code == ErrorCode.NOT_FOUND
 
 
@@ -254,11 +260,11 @@ async def test_unreachable_peer(daemons: tuple[DaemonProcess, DaemonProcess]) ->
     a = daemons[0]
     nowhere = f"127.0.0.1:{free_port()}"
     arrays = random_layers(2, 64 * 1024, seed=14)
-    with pytest.raises(PeerUnreachable) as info:
-        await asyncio.wait_for(
-            Client(a.socket_path).send_arrays("unreachable", arrays, peer=nowhere, timeout=10),
-            15,
-        )
+    async with Client(a.socket_path) as client:
+        with pytest.raises(PeerUnreachable) as info:
+            await asyncio.wait_for(
+                client.send_arrays("unreachable", arrays, peer=nowhere, timeout=10), 15
+            )
     assert info.value.code == ErrorCode.PEER_UNREACHABLE
     record = a.get_json("/v1/transfers/unreachable")
     assert record["state"] == "failed" and "PEER_UNREACHABLE" in record["error"]
@@ -274,47 +280,51 @@ async def test_sigterm_drains_running_transfer(tmp_path: Path) -> None:
         arrays = random_layers(8, 256 * 1024, seed=13)
         put: list[int] = []
 
-        async def slow_send() -> Any:
+        async def slow_send(client: Client) -> Any:
             layout = tuple(LayerSpec(x.dtype.name, x.shape, x.nbytes) for x in arrays)
-            sender = await Client(a.socket_path).send("draining", layout, peer=b.peer)
+            sender = await client.send("draining", layout, peer=b.peer)
             for i, array in enumerate(arrays):
                 await sender.put(i, array)
                 put.append(i)
                 await asyncio.sleep(0.25)
             return await sender.finish(30)
 
-        receiving = asyncio.create_task(receive_all(Client(b.socket_path), "draining"))
-        sending = asyncio.create_task(slow_send())
-        try:
-            for _ in range(200):  # until a few layers are out (bounded: 10 s)
-                if len(put) >= 2 or sending.done():
-                    break
-                await asyncio.sleep(0.05)
-            assert not sending.done() and len(put) >= 2
-            a.proc.send_signal(signal.SIGTERM)
-            stopped_at = time.monotonic()
-            status, body = 0, ""
-            for _ in range(100):  # until the signal landed (bounded: ~10 s)
-                status, _, body = await asyncio.to_thread(http_get, a.url("/healthz"))
-                if status != 200:
-                    break
-                await asyncio.sleep(0.1)
-            assert status == 503 and json.loads(body)["status"] == "draining"
-            with pytest.raises((TransferError, DaemonUnavailable)) as info:
-                await asyncio.wait_for(
-                    Client(a.socket_path).send_arrays(
-                        "too-late", arrays[:1], peer=b.peer, timeout=10
-                    ),
-                    15,
-                )
-            if isinstance(info.value, TransferError):
-                assert info.value.code == ErrorCode.SHUTTING_DOWN
+        health: list[tuple[int, str]] = []
 
-            result = await asyncio.wait_for(sending, 30)
-            got, receiver = await asyncio.wait_for(receiving, 30)
-        finally:
-            sending.cancel()
-            receiving.cancel()
+        async def draining() -> bool:
+            status, _, body = await asyncio.to_thread(http_get, a.url("/healthz"))
+            health.append((status, body))
+            return status != 200
+
+        async with Client(a.socket_path) as prefill_engine, Client(b.socket_path) as decode_engine:
+            receiving = asyncio.create_task(receive_all(decode_engine, "draining"))
+            sending = asyncio.create_task(slow_send(prefill_engine))
+            try:
+                await wait_for_condition(
+                    lambda: len(put) >= 2 or sending.done(), 10, "a few layers to be out"
+                )
+                assert not sending.done() and len(put) >= 2
+                a.proc.send_signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+                await wait_for_condition(draining, 10, "the SIGTERM to land (/healthz not 200)")
+                status, body = health[-1]
+                assert status == 503 and json.loads(body)["status"] == "draining"
+                async with Client(a.socket_path) as late_engine:
+                    with pytest.raises((TransferError, DaemonUnavailable)) as info:
+                        await asyncio.wait_for(
+                            late_engine.send_arrays(
+                                "too-late", arrays[:1], peer=b.peer, timeout=10
+                            ),
+                            15,
+                        )
+                if isinstance(info.value, TransferError):
+                    assert info.value.code == ErrorCode.SHUTTING_DOWN
+
+                result = await asyncio.wait_for(sending, 30)
+                got, receiver = await asyncio.wait_for(receiving, 30)
+            finally:
+                sending.cancel()
+                receiving.cancel()
         assert put == list(range(8)), "the sender was cut off during the drain"
         assert all(same_bytes(got[i], arrays[i]) for i in range(8))
         assert receiver.complete and receiver.digest == result.digest
@@ -365,32 +375,33 @@ async def test_unclaimed_transfer_is_bounded_by_staging(
                 return
             await asyncio.sleep(0.05)
 
-    async def send() -> Any:
+    async def send(client: Client) -> Any:
         layout = (LayerSpec("uint8", (layer_bytes,), layer_bytes),) * n_layers
-        sender = await Client(a.socket_path).send("big", layout, peer=b.peer)
+        sender = await client.send("big", layout, peer=b.peer)
         for i in range(n_layers):
             await sender.put(i, layer(i))
         return await sender.finish(120)
 
-    sampler = asyncio.create_task(sample())
-    sending = asyncio.create_task(send())
-    try:
-        done, _ = await asyncio.wait({sending}, timeout=2.0)
-        assert not done, "256 MiB were accepted with no receiver: nothing pushed back"
-        assert samples and max(samples) > 0, "nothing was staged on the receiving daemon"
+    async with Client(a.socket_path) as prefill_engine, Client(b.socket_path) as decode_engine:
+        sampler = asyncio.create_task(sample())
+        sending = asyncio.create_task(send(prefill_engine))
+        try:
+            done, _ = await asyncio.wait({sending}, timeout=2.0)
+            assert not done, "256 MiB were accepted with no receiver: nothing pushed back"
+            assert samples and max(samples) > 0, "nothing was staged on the receiving daemon"
 
-        receiver = await Client(b.socket_path).receive("big", timeout=30)
-        seen = 0
-        async for i, array in receiver.layers():
-            assert np.array_equal(array, layer(i)), f"layer {i} differs"
-            seen += 1
-            if seen > n_layers:
-                break
-        result = await asyncio.wait_for(sending, 120)
-    finally:
-        stop_sampling.set()
-        sending.cancel()
-        await asyncio.wait_for(sampler, 30)
+            receiver = await decode_engine.receive("big", timeout=30)
+            seen = 0
+            async for i, array in receiver.layers():
+                assert np.array_equal(array, layer(i)), f"layer {i} differs"
+                seen += 1
+                if seen > n_layers:
+                    break
+            result = await asyncio.wait_for(sending, 120)
+        finally:
+            stop_sampling.set()
+            sending.cancel()
+            await asyncio.wait_for(sampler, 30)
     assert seen == n_layers and receiver.complete and receiver.digest == result.digest
     assert result.total_bytes == n_layers * layer_bytes
     bound = STAGING + WINDOW * CONNECTIONS

@@ -66,14 +66,21 @@ async def ship(a: DaemonProcess, b: DaemonProcess, rid: str, tokens: np.ndarray)
     """Send with the model's manifest, receive, check every byte; returns the wire bytes."""
     layers = kv_for(tokens)
     before = a.metric("kvship_wire_bytes_sent")
-    receiving = asyncio.create_task(_receive(Client(b.socket_path), rid))
-    sender = await Client(a.socket_path, chunk_bytes=2 * BLOCK).send(
-        rid, layout_of(layers), peer=b.peer, token_ids=tokens.tolist(), model=MODEL
-    )
-    for i, layer in enumerate(layers):
-        await sender.put(i, layer)
-    await sender.finish(timeout=30)
-    got = await asyncio.wait_for(receiving, 30)
+    async with (
+        Client(b.socket_path) as receiving_engine,
+        Client(a.socket_path, chunk_bytes=2 * BLOCK) as sending_engine,
+    ):
+        receiving = asyncio.create_task(_receive(receiving_engine, rid))
+        try:
+            sender = await sending_engine.send(
+                rid, layout_of(layers), peer=b.peer, token_ids=tokens.tolist(), model=MODEL
+            )
+            for i, layer in enumerate(layers):
+                await sender.put(i, layer)
+            await sender.finish(timeout=30)
+            got = await asyncio.wait_for(receiving, 30)
+        finally:
+            receiving.cancel()
     for i, layer in enumerate(layers):
         assert np.array_equal(got[i], layer), f"{rid}: layer {i} differs"
     return int(a.metric("kvship_wire_bytes_sent") - before)
@@ -119,17 +126,17 @@ async def test_a_manifest_whose_keys_lie_is_refused(pair: tuple[DaemonProcess, .
     lying[5] += 1
     layers = kv_for(tokens)
     stored_before = b.metric("kvship_store_bytes")
-    client = Client(a.socket_path, chunk_bytes=64 << 10)
-    conn = await client._connect("send", client.arena_bytes)
-    manifest = Manifest(MODEL, 0, tuple(block_keys(lying, MODEL)))
-    sender = Sender(
-        conn, "liar", layout_of(layers), b.peer, tokens.tolist(), 64 << 10, 0,
-        extra={"dedup": manifest.to_extra()}, chunk_multiple=BLOCK,
-    )  # fmt: skip
-    with pytest.raises(TransferError) as info:
-        for i, layer in enumerate(layers):
-            await sender.put(i, layer)
-        await sender.finish(timeout=30)
+    async with Client(a.socket_path, chunk_bytes=64 << 10) as client:
+        conn = await client._connect("send", client.arena_bytes)
+        manifest = Manifest(MODEL, 0, tuple(block_keys(lying, MODEL)))
+        sender = Sender(
+            conn, "liar", layout_of(layers), b.peer, tokens.tolist(), 64 << 10, 0,
+            extra={"dedup": manifest.to_extra()}, chunk_multiple=BLOCK,
+        )  # fmt: skip
+        with pytest.raises(TransferError) as info:
+            for i, layer in enumerate(layers):
+                await sender.put(i, layer)
+            await sender.finish(timeout=30)
     assert info.value.code == ErrorCode.LAYOUT_MISMATCH, info.value
     assert "does not match its token ids" in info.value.message
     assert b.metric("kvship_store_bytes") == stored_before
@@ -139,30 +146,33 @@ async def test_lookup_tells_how_much_of_a_prompt_is_held(pair: tuple[DaemonProce
     a, b = pair
     rng = np.random.default_rng(4)
     prompt = rng.integers(0, 50000, 1000, dtype=np.uint32)  # 62 full blocks + a tail
-    client = Client(control=b.addresses["control"])
-    assert await client.lookup(prompt.tolist(), MODEL) == 0
-    await ship(a, b, "lookup-1", prompt)
-    assert await client.lookup(prompt.tolist(), MODEL) == 62 * 16
-    longer = np.concatenate([prompt[:800], rng.integers(0, 50000, 500, dtype=np.uint32)])
-    assert await client.lookup(longer.tolist(), MODEL) == 50 * 16  # 800 tokens = 50 blocks
+    async with Client(control=b.addresses["control"]) as client:
+        assert await client.lookup(prompt.tolist(), MODEL) == 0
+        await ship(a, b, "lookup-1", prompt)
+        assert await client.lookup(prompt.tolist(), MODEL) == 62 * 16
+        longer = np.concatenate([prompt[:800], rng.integers(0, 50000, 500, dtype=np.uint32)])
+        assert await client.lookup(longer.tolist(), MODEL) == 50 * 16  # 800 tokens = 50 blocks
 
 
-def test_lookup_refuses_bad_requests(pair: tuple[DaemonProcess, ...]) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"{}", id="empty"),
+        pytest.param(b'{"model": "no-such-model", "token_ids": [1]}', id="unknown-model"),
+        pytest.param(b'{"model": "dense-gqa-8b"}', id="no-token-ids"),
+    ],
+)
+def test_lookup_refuses_bad_requests(pair: tuple[DaemonProcess, ...], body: bytes) -> None:
     import json
     import urllib.error
     import urllib.request
 
     b = pair[1]
-    for body in (
-        b"{}",
-        b'{"model": "no-such-model", "token_ids": [1]}',
-        b'{"model": "dense-gqa-8b"}',
-    ):
-        req = urllib.request.Request(b.url("/v1/lookup"), data=body, method="POST")
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(req, timeout=10)
-        assert info.value.code == 400
-        assert json.loads(info.value.read())["error"]
+    req = urllib.request.Request(b.url("/v1/lookup"), data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 400
+    assert json.loads(info.value.read())["error"]
 
 
 def test_bench_prefix_pair_reports_its_fields() -> None:
@@ -200,7 +210,7 @@ async def test_route_takes_the_local_prefix_from_the_store(
     assert decision["incremental_tokens"] == 1600 - 100 * 16, decision  # 100 blocks held
 
 
-@pytest.mark.parametrize("bad_layer", [0, 1])  # a full-attention layer, the linear state
+@pytest.mark.parametrize("bad_layer", [0, 1], ids=["full-attention", "linear-state"])
 async def test_layers_that_do_not_fit_the_model_are_refused(
     pair: tuple[DaemonProcess, ...], bad_layer: int
 ) -> None:
@@ -211,17 +221,17 @@ async def test_layers_that_do_not_fit_the_model_are_refused(
     layers = kv_for(tokens)
     layers[bad_layer] = np.zeros(layers[bad_layer].nbytes + BLOCK, dtype=np.uint8)
     stored_before = b.metric("kvship_store_bytes")
-    client = Client(a.socket_path, chunk_bytes=2 * BLOCK)
-    conn = await client._connect("send", client.arena_bytes)
-    manifest = Manifest(MODEL, 0, tuple(block_keys(tokens, MODEL)))
-    sender = Sender(
-        conn, f"misfit-{bad_layer}", layout_of(layers), b.peer, tokens.tolist(), 2 * BLOCK, 0,
-        extra={"dedup": manifest.to_extra()}, chunk_multiple=BLOCK,
-    )  # fmt: skip
-    with pytest.raises(TransferError) as info:
-        for i, layer in enumerate(layers):
-            await sender.put(i, layer)
-        await sender.finish(timeout=30)
+    async with Client(a.socket_path, chunk_bytes=2 * BLOCK) as client:
+        conn = await client._connect("send", client.arena_bytes)
+        manifest = Manifest(MODEL, 0, tuple(block_keys(tokens, MODEL)))
+        sender = Sender(
+            conn, f"misfit-{bad_layer}", layout_of(layers), b.peer, tokens.tolist(), 2 * BLOCK, 0,
+            extra={"dedup": manifest.to_extra()}, chunk_multiple=BLOCK,
+        )  # fmt: skip
+        with pytest.raises(TransferError) as info:
+            for i, layer in enumerate(layers):
+                await sender.put(i, layer)
+            await sender.finish(timeout=30)
     assert info.value.code == ErrorCode.LAYOUT_MISMATCH, info.value
     assert b.metric("kvship_store_bytes") == stored_before
 

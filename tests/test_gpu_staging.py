@@ -66,9 +66,13 @@ def test_cupy_layers_ship_bit_exact(cp, daemons) -> None:  # type: ignore[no-unt
     layers = [cp.full((256, 1024), i, dtype=cp.float16) for i in range(4)]
 
     async def run() -> list[np.ndarray]:
-        receiving = asyncio.create_task(_receive(Client(b.socket_path)))
-        await Client(a.socket_path).send_arrays("gpu", layers, peer=b.peer, timeout=60)
-        return await asyncio.wait_for(receiving, 60)
+        async with Client(b.socket_path) as decode_engine, Client(a.socket_path) as prefill_engine:
+            receiving = asyncio.create_task(_receive(decode_engine))
+            try:
+                await prefill_engine.send_arrays("gpu", layers, peer=b.peer, timeout=60)
+                return await asyncio.wait_for(receiving, 60)
+            finally:
+                receiving.cancel()
 
     got = asyncio.run(run())
     for i, layer in enumerate(layers):

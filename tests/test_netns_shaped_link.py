@@ -87,11 +87,15 @@ def kv_layers(total: int) -> list[np.ndarray]:
 
 
 async def ship(a: DaemonProcess, b: DaemonProcess, layers: list[np.ndarray], rid: str) -> float:
-    receiving = asyncio.create_task(_receive(Client(b.socket_path), rid))
-    start_t = time.monotonic()
-    result = await Client(a.socket_path).send_arrays(rid, layers, peer=b.peer, timeout=120)
-    got = await asyncio.wait_for(receiving, 120)
-    seconds = time.monotonic() - start_t
+    async with Client(b.socket_path) as decode_engine, Client(a.socket_path) as prefill_engine:
+        receiving = asyncio.create_task(_receive(decode_engine, rid))
+        try:
+            start_t = time.monotonic()
+            result = await prefill_engine.send_arrays(rid, layers, peer=b.peer, timeout=120)
+            got = await asyncio.wait_for(receiving, 120)
+            seconds = time.monotonic() - start_t
+        finally:
+            receiving.cancel()
     assert result.total_bytes == sum(x.nbytes for x in layers)
     for i, layer in enumerate(layers):
         assert np.array_equal(got[i], layer), f"layer {i} differs"
@@ -115,7 +119,7 @@ async def test_rate_limit_binds_and_auto_compresses(
     b = start(ns_b, "shaped-b", ADDR_B, tmp_path, *args)
     try:
         seconds = await ship(a, b, kv_layers(32 << 20), "capped")
-        fig = link_figures(ns_a, a)
+        fig = await asyncio.to_thread(link_figures, ns_a, a)
     finally:
         a.stop()
         b.stop()
@@ -135,7 +139,7 @@ async def test_kernel_bottleneck_alone_makes_auto_compress(
     b = start(ns_b, "tbf-b", ADDR_B, tmp_path)
     try:
         await ship(a, b, kv_layers(128 << 20), "tbf")
-        fig = link_figures(ns_a, a)
+        fig = await asyncio.to_thread(link_figures, ns_a, a)
     finally:
         a.stop()
         b.stop()

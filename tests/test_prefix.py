@@ -117,12 +117,23 @@ def test_full_prefix_key_covers_tail_exactly() -> None:
         full_prefix_key(t, LAYOUT, keys=[])
 
 
-def test_first_mismatch_and_bad_tokens() -> None:
+def test_first_mismatch() -> None:
     t = _tokens(4 * BT)
     keys = block_keys(t, LAYOUT)
     assert first_mismatch(keys, t, LAYOUT) is None
     assert first_mismatch([*keys[:2], b"\0" * 16, keys[3]], t, LAYOUT) == 2
     assert first_mismatch(keys[:3], t, LAYOUT) == 3
-    for bad in ([-1], [2**32], [[1, 2]], [1.5]):
-        with pytest.raises(ValueError):
-            block_keys(bad, LAYOUT)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param([-1], id="negative"),
+        pytest.param([2**32], id="over-uint32"),
+        pytest.param([[1, 2]], id="nested"),
+        pytest.param([1.5], id="float"),
+    ],
+)
+def test_bad_tokens_are_refused(bad: list[object]) -> None:
+    with pytest.raises(ValueError):
+        block_keys(bad, LAYOUT)

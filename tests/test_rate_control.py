@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import good_transfer, running_pair, wait_until
+from conftest import good_transfer, off_loop, running_pair, wait_for_condition
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
 
@@ -50,14 +50,14 @@ async def test_put_link_changes_the_rate_of_a_live_link(pair: tuple[DaemonProces
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        (b'{"rate": "-1gbit"}', "rate"),
-        (b'{"rate": "0"}', "rate"),
-        (b'{"rate": "fast"}', "rate"),
-        (b'{"rate": "99999tbit"}', "rate"),
-        (b'{"burst": "0"}', "burst"),
-        (b'{"speed": "1gbit"}', "rate"),
-        (b"not json", ""),
-        (b"[]", ""),
+        pytest.param(b'{"rate": "-1gbit"}', "rate", id="negative-rate"),
+        pytest.param(b'{"rate": "0"}', "rate", id="zero-rate"),
+        pytest.param(b'{"rate": "fast"}', "rate", id="rate-not-a-rate"),
+        pytest.param(b'{"rate": "99999tbit"}', "rate", id="rate-too-high"),
+        pytest.param(b'{"burst": "0"}', "burst", id="zero-burst"),
+        pytest.param(b'{"speed": "1gbit"}', "rate", id="unknown-field"),
+        pytest.param(b"not json", "", id="not-json"),
+        pytest.param(b"[]", "", id="not-an-object"),
     ],
 )
 async def test_put_link_refuses_bad_values_and_changes_nothing(
@@ -87,14 +87,19 @@ async def test_sighup_reloads_rates_and_a_bad_file_changes_nothing(
         config.write_text('peer_rate = "2gbit"\n')
         assert a.proc is not None
         a.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: link(a)["rate_limit_Bps"] == 250e6, what="reloaded rate")
+        await wait_for_condition(
+            off_loop(lambda: link(a)["rate_limit_Bps"] == 250e6), what="reloaded rate"
+        )
         config.write_text('peer_rate = "-5gbit"\n')
         a.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "not reloaded" in a.log_tail(), what="reload refused")
+        await wait_for_condition(
+            off_loop(lambda: "not reloaded" in a.log_tail()), what="reload refused"
+        )
         assert link(a)["rate_limit_Bps"] == 250e6
         await good_transfer(a, b)
 
 
 async def test_client_priority_must_be_known() -> None:
-    with pytest.raises(ValueError, match="priority"):
-        await Client("/nonexistent.sock").send("r", (), peer="x:1", priority="urgent")
+    async with Client("/nonexistent.sock") as client:
+        with pytest.raises(ValueError, match="priority"):
+            await client.send("r", (), peer="x:1", priority="urgent")

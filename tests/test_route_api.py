@@ -46,7 +46,15 @@ def test_route_without_a_link_decides_local_and_says_why(pair: tuple[DaemonProce
     assert "unreachable" in decision["reason"] or "no link" in decision["reason"], decision
 
 
-@pytest.mark.parametrize("body", [b"{}", b"not json", b"[1]", b'{"prompt_tokens": -5}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"{}", id="empty"),
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b"[1]", id="not-an-object"),
+        pytest.param(b'{"prompt_tokens": -5}', id="negative-length"),
+    ],
+)
 def test_route_refuses_requests_without_a_length(
     pair: tuple[DaemonProcess, ...], body: bytes
 ) -> None:
