@@ -141,21 +141,9 @@ class LogMark:
                 return line
         return None
 
-    def wait_for(self, *needles: str, timeout: float = 10.0) -> str:
-        """The first new log line holding every needle (waits for it, bounded). Blocking:
-        in an ``async def`` test use :meth:`wait_for_async`."""
-        wait_until(
-            lambda: self.line_with(*needles) is not None,
-            timeout,
-            f"a log line with {needles!r} in {self.daemon.name}",
-        )
-        line = self.line_with(*needles)
-        assert line is not None
-        return line
-
     async def wait_for_async(self, *needles: str, timeout: float = 10.0) -> str:
-        """:meth:`wait_for` for async tests: polls with ``asyncio.sleep``, reads the log
-        in a worker thread."""
+        """The first new log line holding every needle, waited for (bounded): polls with
+        ``asyncio.sleep`` and reads the log in a worker thread."""
         await wait_for_condition(
             off_loop(lambda: self.line_with(*needles) is not None),
             timeout,
