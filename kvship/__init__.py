@@ -1,6 +1,8 @@
 """kvship: move LLM KV cache between datacenters.
 
-Engines embed :class:`kvship.Client`; ``kvshipd`` runs on each cluster; ``kvship`` is the CLI.
+Engines embed :class:`kvship.Client` (``async with kvship.Client(path) as client``; or the
+blocking :class:`kvship.SyncClient`); every failure they see is a
+:class:`kvship.errors.KvshipError`. ``kvshipd`` runs on each cluster; ``kvship`` is the CLI.
 """
 
 from __future__ import annotations

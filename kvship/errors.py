@@ -1,4 +1,20 @@
-"""Typed exceptions that engines see; each says what happened and carries the wire code."""
+"""Typed exceptions that engines see; each says what happened and carries the wire code.
+
+Every failure of a :class:`kvship.Client` call reaches the caller as a
+:class:`KvshipError`, never as a bare ``OSError``/``ConnectionError``/``TimeoutError``::
+
+    KvshipError
+    ├── DaemonUnavailable          the local daemon cannot be reached
+    │   └── DaemonConnectionLost   ... or its connection dropped in the middle of a call
+    └── TransferError (.code)      the transfer ended without its KV delivered
+        ├── PeerUnreachable        the far daemon could not be reached, or was lost
+        ├── RequestNotFound        receive(): no such transfer arrived in time
+        └── IntegrityError         checksum or digest mismatch: nothing was delivered
+
+A timeout of a call (``finish(timeout=...)``, ``receive(timeout=...)``) is a
+``TransferError`` whose ``code`` is ``ErrorCode.TIMEOUT``. The original low-level
+exception, where there was one, is the ``__cause__``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +27,16 @@ class KvshipError(Exception):
 
 class DaemonUnavailable(KvshipError):
     """The local daemon could not be reached (not running, wrong socket path or port)."""
+
+
+class DaemonConnectionLost(DaemonUnavailable):
+    """The connection to the *local* daemon dropped while a call used it (the daemon died,
+    restarted, or closed the connection): the transfer on it is over.
+
+    Not the far side: losing the destination daemon is :class:`PeerUnreachable`. A
+    :class:`DaemonUnavailable` too, so one ``except DaemonUnavailable`` covers "the local
+    daemon is gone" whether it was gone before the call or went during it.
+    """
 
 
 class TransferError(KvshipError):
@@ -51,6 +77,7 @@ def error_for(code: int, message: str) -> TransferError:
 
 
 __all__ = [
+    "DaemonConnectionLost",
     "DaemonUnavailable",
     "ErrorCode",
     "IntegrityError",

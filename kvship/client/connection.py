@@ -1,4 +1,10 @@
-"""One engine connection to the local daemon, with its shared-memory arena when on a Unix socket."""
+"""One engine connection to the local daemon, with its shared-memory arena when on a Unix socket.
+
+Every way this connection can fail surfaces as a :mod:`kvship.errors` exception: a
+dropped, reset or refused connection as :class:`~kvship.errors.DaemonConnectionLost`
+(or :class:`~kvship.errors.DaemonUnavailable` while connecting), a wait past its
+deadline as ``TransferError(TIMEOUT)``. Senders and receivers only ever see those.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,12 @@ import os
 from collections.abc import Callable
 
 from ..aio import FramedProtocol, open_connection
-from ..errors import DaemonUnavailable
+from ..errors import DaemonConnectionLost, DaemonUnavailable, KvshipError, TransferError
 from ..protocol import (
     CAP_SHM,
     ROLE_ENGINE,
     ChunkMeta,
+    ErrorCode,
     Frame,
     GoAway,
     Hello,
@@ -38,58 +45,131 @@ def is_unix(address: str) -> bool:
 class EngineConnection:
     """Routes frames to one consumer (a Sender or Receiver) and owns the arena."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "") -> None:
+        self.address = address
         self.loop = asyncio.get_running_loop()
         self._tids = itertools.count(1)
         # Called with this connection when its transfer ended cleanly (the client's pool).
         self.park: Callable[[EngineConnection], None] | None = None
+        # Called once when this connection is closed (the client's set of live ones).
+        self.forget: Callable[[EngineConnection], None] | None = None
         self.proto: FramedProtocol | None = None
         self.arena: Arena | None = None
         self.allocator: RingAllocator | None = None
         self.pinned = False
-        self.frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
+        # Frames for the consumer; None marks the end of the connection.
+        self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.failure: BaseException | None = None  # set when the transfer was aborted
         self.space = asyncio.Event()
         self.sink: Callable[[ChunkMeta, int], memoryview] | None = None
         self._attached: asyncio.Future[None] | None = None
+        self._closed = False
+        self._close_reason: str | None = None  # why this side closed it, if it did
+        self._lost_cause: BaseException | None = None  # what the transport reported
+        self._goaway: GoAway | None = None
 
     @classmethod
     async def open(
         cls, address: str, *, arena_bytes: int, use_shm: bool | None, timeout: float
     ) -> EngineConnection:
-        self = cls()
+        """Connect and shake hands, then share an arena of ``arena_bytes`` (if > 0 and on
+        a Unix socket). Raises :class:`DaemonUnavailable` when the daemon is not there."""
+        self = cls(address)
         shm = is_unix(address) if use_shm is None else use_shm and is_unix(address)
         hello = Hello(ROLE_ENGINE, f"engine-{os.getpid()}", capabilities=CAP_SHM if shm else 0)
         try:
             self.proto = await open_connection(
                 address, hello, self._on_frame, self._on_close, timeout=timeout
             )
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # TimeoutError and ConnectionError included
             raise DaemonUnavailable(f"cannot reach kvshipd at {address}: {exc}") from exc
         self.proto.conn.payload_sink = self._sink
         if arena_bytes > 0:
-            await self.attach(arena_bytes, timeout)
+            try:
+                await self.attach(arena_bytes, timeout)
+            except BaseException:
+                self.close("the arena attach failed")
+                raise
         return self
 
     @property
     def shm(self) -> bool:
         return self.proto is not None and bool(self.proto.conn.negotiated.capabilities & CAP_SHM)
 
+    @property
+    def is_open(self) -> bool:
+        return not self._closed and self.proto is not None and self.proto.is_open
+
     async def attach(self, size: int, timeout: float = 10.0) -> None:
         """Share a staging arena of ``size`` bytes with the daemon (Unix socket only)."""
         if not self.shm or self.arena is not None:
             return
-        assert self.proto is not None
-        self.arena = Arena.create(size)
+        try:
+            self.arena = Arena.create(size)
+        except OSError as exc:
+            raise KvshipError(f"cannot create a {size} B staging arena: {exc}") from exc
         self.pinned = pin(self.arena.buffer)
         self._attached = asyncio.get_running_loop().create_future()
         try:
-            self.proto.send(ShmAttach(size, self.arena.path))
+            self.send(ShmAttach(size, self.arena.path))
             await asyncio.wait_for(self._attached, timeout)
+        except TimeoutError as exc:
+            raise TransferError(
+                ErrorCode.TIMEOUT, f"kvshipd did not map the staging arena within {timeout} s"
+            ) from exc
         finally:
             self.arena.unlink()  # both sides have it mapped, or the attach failed
         self.allocator = RingAllocator(size)
 
+    # ------------------------------------------------------------ failures
+    def lost(self, cause: BaseException | None = None) -> DaemonConnectionLost:
+        """A fresh exception saying why this connection is over (raise it)."""
+        cause = cause or self._lost_cause
+        if self._close_reason is not None:
+            why = self._close_reason
+        elif self._goaway is not None:
+            why = f"the daemon closed it (GOAWAY {_code_name(self._goaway.code)}: "
+            why += f"{self._goaway.message})"
+        elif cause is not None:
+            why = f"{type(cause).__name__}: {cause}"
+        else:
+            why = "the daemon closed it"
+        error = DaemonConnectionLost(f"connection to kvshipd at {self.address} lost: {why}")
+        error.__cause__ = cause
+        return error
+
+    # ------------------------------------------------------------- sending
+    def send(self, frame: Frame) -> None:
+        """Queue a control frame; :class:`DaemonConnectionLost` if the connection is gone."""
+        proto = self.proto
+        if proto is None or not self.is_open:
+            raise self.lost()
+        try:
+            proto.send(frame)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: the sans-IO side closed
+            if isinstance(exc, RuntimeError) and proto.is_open:
+                raise
+            raise self.lost(exc) from exc
+
+    async def send_chunk(self, meta: ChunkMeta, data: memoryview) -> None:
+        """Send one inline chunk (waits for credit and for the kernel to take it)."""
+        proto = self.proto
+        if proto is None or not self.is_open:
+            raise self.lost()
+        try:
+            await proto.send_chunk(meta, data)
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and proto.is_open:
+                raise
+            raise self.lost(exc) from exc
+
+    def grant(self, nbytes: int) -> None:
+        """Return flow-control credit for ``nbytes`` consumed (nothing once closed)."""
+        if self.proto is not None and self.is_open:
+            with contextlib.suppress(OSError):
+                self.proto.grant(nbytes)
+
+    # ----------------------------------------------------------- receiving
     def _sink(self, meta: ChunkMeta, nbytes: int) -> memoryview:
         if self.sink is not None:
             return self.sink(meta, nbytes)
@@ -106,24 +186,34 @@ class EngineConnection:
             self.allocator.release(frame.arena_offset, frame.length)
             self.space.set()
             return
+        if isinstance(frame, GoAway):
+            self._goaway = frame  # the daemon closes the connection next
+            self.space.set()
+            self.frames.put_nowait(None)
+            return
         self.frames.put_nowait(frame)
 
     def _on_close(self, proto: FramedProtocol, error: BaseException | None) -> None:
-        reason = error if error is not None else ConnectionError("daemon closed the connection")
+        self._lost_cause = error
         if self._attached is not None and not self._attached.done():
-            self._attached.set_exception(DaemonUnavailable(f"arena attach failed: {reason}"))
+            self._attached.set_exception(self.lost())
         self.space.set()
-        self.frames.put_nowait(
-            reason if isinstance(reason, BaseException) else ConnectionError(str(reason))
-        )
+        self.frames.put_nowait(None)
 
-    async def next_frame(self, timeout: float | None) -> Frame:
-        item = await asyncio.wait_for(self.frames.get(), timeout)
-        if isinstance(item, BaseException):
-            self.frames.put_nowait(item)  # every later wait sees the same end
-            raise item
-        if isinstance(item, GoAway):
-            raise ConnectionError(f"daemon closed the connection: {item.message}")
+    async def next_frame(self, timeout: float | None, waiting: str = "") -> Frame:
+        """The next frame for this connection's transfer.
+
+        Raises :class:`DaemonConnectionLost` once the connection is over, and
+        ``TransferError(TIMEOUT)`` when nothing came for ``timeout`` seconds
+        (``waiting`` says what for, in the message)."""
+        try:
+            item = await asyncio.wait_for(self.frames.get(), timeout)
+        except TimeoutError as exc:
+            what = waiting or "from kvshipd"
+            raise TransferError(ErrorCode.TIMEOUT, f"nothing {what} for {timeout} s") from exc
+        if item is None:
+            self.frames.put_nowait(None)  # every later wait sees the same end
+            raise self.lost()
         return item
 
     async def allocate(self, nbytes: int) -> int:
@@ -131,12 +221,12 @@ class EngineConnection:
         assert self.allocator is not None
         while True:
             if self.failure is not None:
-                raise self.failure
+                raise self.failure.with_traceback(None)
             offset = self.allocator.allocate(nbytes)
             if offset is not None:
                 return offset
-            if self.proto is None or not self.proto.is_open:
-                raise ConnectionError("connection to the daemon closed")
+            if not self.is_open or self._goaway is not None:
+                raise self.lost()
             self.space.clear()
             await self.space.wait()
 
@@ -147,8 +237,8 @@ class EngineConnection:
     @property
     def reusable(self) -> bool:
         return (
-            self.proto is not None
-            and self.proto.is_open
+            self.is_open
+            and self._goaway is None
             and self.failure is None
             and self.frames.empty()
             and self.loop is asyncio.get_running_loop()
@@ -168,11 +258,30 @@ class EngineConnection:
         self.failure = error
         self.space.set()
 
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        """Close the socket and unmap the arena (idempotent). ``reason``: what a transfer
+        still using the connection is told."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = self._close_reason or reason or "this client closed it"
+        self.sink = None
+        self.space.set()
         if self.proto is not None:
             self.proto.close()
         if self.arena is not None:
             if self.pinned:
                 with contextlib.suppress(Exception):
                     unpin(self.arena.buffer)
+                self.pinned = False
             self.arena.close()
+        if self.forget is not None:
+            forget, self.forget = self.forget, None
+            forget(self)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)

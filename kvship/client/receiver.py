@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from ..errors import IntegrityError, TransferError, error_for
+from ..errors import IntegrityError, KvshipError, TransferError, error_for
 from ..layout import as_array
 from ..protocol import (
     Abort,
@@ -23,14 +26,27 @@ from ..protocol import (
 )
 from .connection import EngineConnection
 
+Layer = tuple[int, np.ndarray[Any, np.dtype[Any]]]
+
 
 class Receiver:
-    """Returned by :meth:`kvship.Client.receive` once the transfer is known.
+    """One incoming transfer, from :meth:`kvship.Client.receive` once its layout is known.
 
     ``async for layer, array in receiver`` yields layers in arrival order. On the
     shared-memory path ``array`` is a zero-copy view into the staging arena, valid until
     the next iteration (copy it, or upload it to the GPU, before asking for the next);
-    pass ``copy=True`` to :meth:`layers` for arrays you may keep.
+    pass ``copy=True`` to :meth:`layers` for arrays you may keep. Each array has its
+    layer's shape and :func:`kvship.layout.storage_dtype` (bf16 without ml_dtypes:
+    ``uint16``, the raw bits).
+
+    A receiver is iterated once. Leaving the iteration early (``break``, an exception),
+    or ``async with`` exiting before the transfer completed, closes its connection (it
+    never goes back to the pool with a transfer half read); after a complete transfer
+    the connection (and its arena) serves the client's next receive.
+
+    Failures: :class:`~kvship.errors.DaemonConnectionLost` when the local daemon goes
+    away, ``TransferError(TIMEOUT)`` when nothing arrived for ``timeout`` seconds, the
+    daemon's ABORT as a :class:`~kvship.errors.TransferError` with its code.
     """
 
     def __init__(self, conn: EngineConnection, opened: Open, timeout: float | None) -> None:
@@ -44,12 +60,14 @@ class Receiver:
         self.complete = False
         self._tid = opened.transfer_id
         self._starts = chunk_table(self.layout, opened.chunk_size)
-        self._inline: dict[int, np.ndarray] = {}
+        self._inline: dict[int, np.ndarray[Any, np.dtype[np.uint8]]] = {}
         self._pending = [self._starts[i + 1] - self._starts[i] for i in range(len(self.layout))]
         self._held: tuple[int, int] | None = None  # arena region of the last yielded layer
         # Inline chunks read straight into their layer's array; those that arrived before
         # this Receiver existed (it needs the layout) sit in spare buffers and get copied.
         self._direct: set[int] = set()
+        self._released = False
+        self._iter: weakref.ref[AsyncGenerator[Layer, None]] | None = None
         conn.sink = self._sink
 
     @property
@@ -67,55 +85,45 @@ class Receiver:
         buf = self._inline.get(layer)
         if buf is None:
             buf = self._inline[layer] = np.empty(self.layout[layer].nbytes, np.uint8)
-        return memoryview(buf)
+        return buf.data
 
     def _release_held(self) -> None:
         if self._held is not None:
-            proto = self._conn.proto
-            if proto is not None and proto.is_open:
-                proto.send(Release(*self._held))
-            self._held = None
+            held, self._held = self._held, None
+            self._conn.send(Release(*held))
 
-    async def layers(self, copy: bool = False) -> AsyncIterator[tuple[int, np.ndarray]]:
+    def _release(self, clean: bool) -> None:
+        """The connection goes back to the pool (complete) or is closed (anything else)."""
+        if not self._released:
+            self._released = True
+            self._conn.done(clean=clean)
+
+    def layers(self, copy: bool = False) -> AsyncIterator[Layer]:
+        """The layers as they arrive: ``(layer index, array)``; see the class docstring."""
+        if self._released:
+            raise KvshipError(f"the receiver of {self.request_id!r} is done (iterate it once)")
+        if self._iter is not None and self._iter() is not None:
+            raise KvshipError(f"the receiver of {self.request_id!r} is already being iterated")
+        gen = self._layers(copy)
+        self._iter = weakref.ref(gen)
+        return gen
+
+    async def _layers(self, copy: bool) -> AsyncGenerator[Layer, None]:
         delivered = 0
         try:
             while True:
                 self._release_held()  # the caller asked for more: the last view is done
+                frame = await self._conn.next_frame(self.timeout, "arrived")
                 try:
-                    frame = await self._conn.next_frame(self.timeout)
-                except TimeoutError as exc:
+                    item = self._on_frame(frame)
+                except (ValueError, IndexError) as exc:  # a frame that contradicts OPEN
                     raise TransferError(
-                        ErrorCode.TIMEOUT, f"nothing arrived for {self.timeout} s"
+                        ErrorCode.PROTOCOL_ERROR, f"bad frame from kvshipd: {exc}"
                     ) from exc
-                except ConnectionError as exc:
-                    raise TransferError(ErrorCode.PEER_UNREACHABLE, str(exc)) from exc
-                if isinstance(frame, LayerReady):
-                    spec = self.layout[frame.layer]
-                    if frame.nbytes:
-                        assert self._conn.arena is not None
-                        view = self._conn.arena.view(frame.arena_offset, frame.nbytes)
-                        self._held = (frame.arena_offset, frame.nbytes)
-                    else:
-                        view = memoryview(b"")
-                    array = as_array(view, spec)
+                if item is not None:
+                    layer, array = item
                     delivered += 1
-                    yield frame.layer, (array.copy() if copy else array)
-                elif isinstance(frame, Chunk):
-                    if chunk_checksum(frame.data) != frame.meta.checksum:
-                        raise IntegrityError(ErrorCode.CHECKSUM_MISMATCH, "inline chunk corrupted")
-                    layer = frame.meta.layer
-                    if frame.meta.chunk_index in self._direct:
-                        self._direct.discard(frame.meta.chunk_index)
-                    else:  # landed before the layout was known
-                        dst = self._layer_buffer(layer)
-                        dst[frame.meta.offset : frame.meta.offset + len(frame.data)] = frame.data
-                    if self._conn.proto is not None:
-                        self._conn.proto.grant(len(frame.data))  # the bytes sit in our array now
-                    self._pending[layer] -= 1
-                    if self._pending[layer] == 0:
-                        raw = self._inline.pop(layer)
-                        delivered += 1
-                        yield layer, as_array(memoryview(raw), self.layout[layer])
+                    yield layer, (array.copy() if copy else array)
                 elif isinstance(frame, Complete):
                     if delivered != len(self.layout):
                         raise error_for(ErrorCode.PROTOCOL_ERROR, "COMPLETE before every layer")
@@ -126,12 +134,39 @@ class Receiver:
         finally:
             # Complete: the connection (and its arena) serves the next receive. Anything
             # else (error, abandoned iteration): it goes, with whatever was in flight.
-            self._conn.done(clean=self.complete)
+            self._release(clean=self.complete)
 
-    def __aiter__(self) -> AsyncIterator[tuple[int, np.ndarray]]:
+    def _on_frame(self, frame: object) -> Layer | None:
+        """The layer ``frame`` completes, if it does."""
+        if isinstance(frame, LayerReady):
+            spec = self.layout[frame.layer]
+            if frame.nbytes:
+                assert self._conn.arena is not None
+                view = self._conn.arena.view(frame.arena_offset, frame.nbytes)
+                self._held = (frame.arena_offset, frame.nbytes)
+            else:
+                view = memoryview(b"")
+            return frame.layer, as_array(view, spec)
+        if isinstance(frame, Chunk):
+            if chunk_checksum(frame.data) != frame.meta.checksum:
+                raise IntegrityError(ErrorCode.CHECKSUM_MISMATCH, "inline chunk corrupted")
+            layer = frame.meta.layer
+            if frame.meta.chunk_index in self._direct:
+                self._direct.discard(frame.meta.chunk_index)
+            else:  # landed before the layout was known
+                dst = self._layer_buffer(layer)
+                dst[frame.meta.offset : frame.meta.offset + len(frame.data)] = frame.data
+            self._conn.grant(len(frame.data))  # the bytes sit in our array now
+            self._pending[layer] -= 1
+            if self._pending[layer] == 0:
+                raw = self._inline.pop(layer)
+                return layer, as_array(raw.data, self.layout[layer])
+        return None
+
+    def __aiter__(self) -> AsyncIterator[Layer]:
         return self.layers()
 
-    async def all(self) -> list[np.ndarray]:
+    async def all(self) -> list[np.ndarray[Any, np.dtype[Any]]]:
         """Every layer, as arrays you own, in layer order (waits for the whole transfer)."""
         out: list[Any] = [None] * len(self.layout)
         async for layer, array in self.layers(copy=True):
@@ -139,7 +174,28 @@ class Receiver:
         return out
 
     def close(self) -> None:
-        self._conn.done(clean=self.complete)
+        """Release the connection now: to the pool after a complete transfer, else closed
+        (the daemon drops the rest of the transfer). Prefer ``aclose``/``async with``."""
+        self._release(clean=self.complete)
+
+    async def aclose(self) -> None:
+        """Stop a running iteration, then :meth:`close`."""
+        gen = self._iter() if self._iter is not None else None
+        if gen is not None:
+            with contextlib.suppress(RuntimeError):  # it is being closed already
+                await gen.aclose()
+        self.close()
+
+    async def __aenter__(self) -> Receiver:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 async def open_receiver(
@@ -149,20 +205,20 @@ async def open_receiver(
 
     The arena holds three of the largest layer (the engine reads one while chunks of
     the next two land over the stripes), at least 64 MiB and at most ``arena_max``;
-    layers too large for half of it arrive inline instead.
+    layers too large for half of it arrive inline instead. On any failure the
+    connection is closed (never pooled).
     """
     wait = None if timeout is None else timeout + 5.0  # the daemon answers NOT_FOUND first
     try:
-        frame = await conn.next_frame(wait)
-    except TimeoutError as exc:
-        raise TransferError(ErrorCode.TIMEOUT, f"daemon silent for {wait} s") from exc
-    if isinstance(frame, Abort):
-        conn.close()
-        raise error_for(frame.code, frame.message)
-    if not isinstance(frame, Open):
-        conn.close()
-        raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
-    largest = max(spec.nbytes for spec in frame.layers)
-    if largest and conn.shm and conn.arena is None:
-        await conn.attach(min(max(3 * largest, 64 << 20), arena_max))
-    return Receiver(conn, frame, timeout)
+        frame = await conn.next_frame(wait, f"from kvshipd about {request_id!r}")
+        if isinstance(frame, Abort):
+            raise error_for(frame.code, frame.message)
+        if not isinstance(frame, Open):
+            raise TransferError(ErrorCode.PROTOCOL_ERROR, f"expected OPEN, got {frame!r}")
+        largest = max((spec.nbytes for spec in frame.layers), default=0)
+        if largest and conn.shm and conn.arena is None:
+            await conn.attach(min(max(3 * largest, 64 << 20), arena_max))
+        return Receiver(conn, frame, timeout)
+    except BaseException:
+        conn.close("the receive failed")
+        raise

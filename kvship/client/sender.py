@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from ..errors import KvshipError, TransferError, error_for
-from ..layout import spec_of
+from ..layout import spec_of, storage_dtype
 from ..protocol import (
     Abort,
     ChunkMeta,
@@ -38,7 +40,19 @@ class SendResult:
 
 
 class Sender:
-    """Returned by :meth:`kvship.Client.send`. ``put`` each layer, then ``finish``."""
+    """One outgoing transfer, from :meth:`kvship.Client.send`: ``put`` each layer, then
+    ``finish``.
+
+    Use it as an async context manager (``async with client.send(...) as sender``):
+    leaving the block by an exception, or without a successful :meth:`finish`, aborts
+    the transfer (the far daemon drops what it got) and closes its connection.
+
+    Every failure is a :class:`kvship.errors.KvshipError`: the daemon's ABORT as a
+    :class:`~kvship.errors.TransferError` with its code (``PeerUnreachable`` when the far
+    daemon is lost), the local daemon going away as
+    :class:`~kvship.errors.DaemonConnectionLost`. Once a transfer failed, every later
+    ``put``/``finish`` raises the same error.
+    """
 
     def __init__(
         self,
@@ -66,8 +80,10 @@ class Sender:
         self._checksums = [0] * self._starts[-1]
         self._put = [False] * len(self.layout)
         self._started = time.perf_counter()
-        self._finished = False
-        self._outcome: asyncio.Task[Complete] | None = None
+        self._ended = False  # END sent
+        self._released = False  # the connection went back to the pool or was closed
+        self._error: KvshipError | None = None  # why the transfer is over, if it failed
+        self.result: SendResult | None = None
         opened = Open(
             self._tid,
             request_id,
@@ -78,9 +94,9 @@ class Sender:
             peer=peer,
             extra=extra or {},
         )
-        assert conn.proto is not None
-        conn.proto.send(opened)
-        self._outcome = asyncio.create_task(self._wait_outcome())
+        conn.send(opened)
+        self._outcome: asyncio.Task[Complete] = asyncio.create_task(self._wait_outcome())
+        self._outcome.add_done_callback(_retrieve)
 
     async def _wait_outcome(self) -> Complete:
         while True:
@@ -92,26 +108,57 @@ class Sender:
                 self._conn.fail(error)
                 raise error
 
-    def _check_failed(self) -> None:
-        if self._outcome is not None and self._outcome.done() and not self._outcome.cancelled():
+    # ------------------------------------------------------------ failures
+    def _outcome_error(self) -> KvshipError | None:
+        if self._outcome.done() and not self._outcome.cancelled():
             exc = self._outcome.exception()
             if exc is not None:
-                raise exc
+                return _typed(exc, self._conn)
+        return None
 
+    def _check_failed(self) -> None:
+        if self._error is None:
+            self._error = self._outcome_error()
+            if self._error is not None:
+                self._release(clean=False)
+        if self._error is not None:
+            raise self._error.with_traceback(None)  # raised again: no growing traceback
+
+    def _failed(self, exc: BaseException) -> KvshipError:
+        """The transfer is over because of ``exc``: remember the most telling error (the
+        daemon's ABORT says more than the closed socket), release the connection."""
+        error = self._outcome_error() or _typed(exc, self._conn)
+        self._error = self._error or error
+        self._release(clean=False)
+        return self._error
+
+    def _release(self, clean: bool) -> None:
+        if not self._released:
+            self._released = True
+            if not clean:
+                self._outcome.cancel()
+            self._conn.done(clean)
+
+    # ------------------------------------------------------------- sending
     async def put(self, layer: int, array: Any) -> None:
         """Stage layer ``layer`` (numpy, or CuPy on a GPU) and hand it to the daemon.
 
         Returns once the bytes are staged (copied into the shared arena, or written to
         the socket), not when they reach the far side; it waits only when the staging
-        area is full, which bounds the engine's memory.
+        area is full, which bounds the engine's memory. A layer whose dtype numpy lacks
+        (bfloat16 without ml_dtypes) may be given as its same-width unsigned stand-in
+        (uint16 for bf16: :func:`kvship.layout.storage_dtype`).
         """
         self._check_failed()
+        if self.result is not None:
+            raise KvshipError("put() after finish()")
         if not 0 <= layer < len(self.layout):
             raise IndexError(f"layer {layer} outside the {len(self.layout)}-layer layout")
         if self._put[layer]:
             raise KvshipError(f"layer {layer} was already put")
         expect, got = self.layout[layer], spec_of(array)
-        if (got.dtype, got.nbytes) != (expect.dtype, expect.nbytes):
+        dtype_ok = got.dtype in (expect.dtype, storage_dtype(expect.dtype).name)
+        if not dtype_ok or got.nbytes != expect.nbytes:
             raise ValueError(
                 f"layer {layer} is {got.dtype} {got.shape} ({got.nbytes} B), the layout says "
                 f"{expect.dtype} {expect.shape} ({expect.nbytes} B)"
@@ -122,18 +169,15 @@ class Sender:
                 await self._put_shm(layer, array)
             else:
                 await self._put_inline(layer, array)
-        except ConnectionError as exc:
-            self._check_failed()  # the daemon's ABORT says more than the closed socket
-            raise TransferError(
-                ErrorCode.PEER_UNREACHABLE, f"daemon connection lost: {exc}"
-            ) from exc
+        except (KvshipError, OSError) as exc:  # OSError: a last guard, the conn maps them
+            raise self._failed(exc) from exc
 
     def _chunks(self, layer: int) -> range:
         return range(self._starts[layer], self._starts[layer + 1])
 
     async def _put_shm(self, layer: int, array: Any) -> None:
-        conn, proto = self._conn, self._conn.proto
-        assert conn.arena is not None and proto is not None
+        conn = self._conn
+        assert conn.arena is not None
         device = is_device_array(array)
         src = array if device else np.ascontiguousarray(array)
         flat = src.reshape(-1).view(np.uint8)  # CuPy's reshape makes it contiguous too
@@ -150,17 +194,15 @@ class Sender:
             checksum = chunk_checksum(dst)
             self._checksums[index] = checksum
             meta = ChunkMeta(self._tid, index, layer, offset, length, checksum)
-            proto.send(ShmChunk(meta, slot))
+            conn.send(ShmChunk(meta, slot))
 
     async def _put_inline(self, layer: int, array: Any) -> None:
-        proto = self._conn.proto
-        assert proto is not None
+        data: memoryview
         if is_device_array(array):  # pragma: no cover - GPU only
-            host = memoryview(bytearray(self.layout[layer].nbytes))
-            copy_to_host(array, host)
-            data = host
+            data = memoryview(bytearray(self.layout[layer].nbytes))
+            copy_to_host(array, data)
         else:
-            data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
         size = self.chunk_bytes
         for index in self._chunks(layer):
             offset = (index - self._starts[layer]) * size
@@ -168,46 +210,81 @@ class Sender:
             checksum = chunk_checksum(piece)
             self._checksums[index] = checksum
             meta = ChunkMeta(self._tid, index, layer, offset, len(piece), checksum)
-            await proto.send_chunk(meta, piece)
+            await self._conn.send_chunk(meta, piece)
 
     async def finish(self, timeout: float | None = None) -> SendResult:
-        """Wait until the far daemon holds every byte (COMPLETE), or raise why it failed."""
+        """Wait until the far daemon holds every byte (COMPLETE), or raise why it failed.
+
+        ``TransferError(TIMEOUT)`` when no acknowledgement came within ``timeout``
+        seconds: the transfer goes on, and ``finish`` may be awaited again."""
+        if self.result is not None:
+            return self.result
+        self._check_failed()
         missing = [i for i, done in enumerate(self._put) if not done]
         if missing:
             raise KvshipError(f"finish() before layers {missing[:8]} were put")
-        assert self._conn.proto is not None and self._outcome is not None
         digest = digest_of_checksums(self._checksums)
-        if not self._finished:
-            self._finished = True
-            self._check_failed()
-            self._conn.proto.send(End(self._tid, len(self._checksums), digest))
         try:
+            if not self._ended:
+                self._ended = True
+                self._conn.send(End(self._tid, len(self._checksums), digest))
             done = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
         except TimeoutError as exc:  # the transfer goes on: finish() may be awaited again
+            if self._outcome.done():  # pragma: no cover - it ended just then
+                raise self._failed(exc) from exc
             raise TransferError(
                 ErrorCode.TIMEOUT, f"no acknowledgement within {timeout} s"
             ) from exc
-        except ConnectionError as exc:
-            self._conn.done(clean=False)
-            raise TransferError(
-                ErrorCode.PEER_UNREACHABLE, f"daemon connection lost: {exc}"
-            ) from exc
-        except BaseException:
-            if self._outcome.done():
-                self._conn.done(clean=False)
-            raise
+        except (KvshipError, OSError) as exc:
+            raise self._failed(exc) from exc
         if done.digest != digest:
-            self._conn.done(clean=False)
-            raise error_for(ErrorCode.DIGEST_MISMATCH, "acknowledged digest differs from sent")
-        self._conn.done(clean=True)
-        return SendResult(
+            error = error_for(ErrorCode.DIGEST_MISMATCH, "acknowledged digest differs from sent")
+            raise self._failed(error)
+        self._release(clean=True)
+        self.result = SendResult(
             self.request_id, done.total_bytes, digest, time.perf_counter() - self._started
         )
+        return self.result
 
     async def abort(self) -> None:
-        """Cancel the transfer; the far side drops what it received."""
-        if self._conn.proto is not None and self._conn.proto.is_open:
-            self._conn.proto.send(Abort(self._tid, ErrorCode.CANCELLED, "cancelled by engine"))
-        if self._outcome is not None:
-            self._outcome.cancel()
-        self._conn.done(clean=False)
+        """Cancel the transfer (the far side drops what it received) and close its
+        connection. Nothing happens once the transfer finished or already failed."""
+        if self._released:
+            return
+        self._error = self._error or TransferError(ErrorCode.CANCELLED, "aborted by the engine")
+        if self._conn.is_open:
+            with contextlib.suppress(KvshipError):  # the daemon is gone: nothing to tell
+                self._conn.send(Abort(self._tid, ErrorCode.CANCELLED, "cancelled by engine"))
+        self._release(clean=False)
+
+    async def __aenter__(self) -> Sender:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.result is None:
+            await self.abort()
+
+
+def _typed(exc: BaseException, conn: EngineConnection) -> KvshipError:
+    """``exc`` as the kvship error a caller sees (a guard: the connection maps its own)."""
+    if isinstance(exc, KvshipError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        error: KvshipError = TransferError(ErrorCode.TIMEOUT, str(exc) or "timed out")
+    elif isinstance(exc, OSError):
+        error = conn.lost(exc)
+    else:
+        error = TransferError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark the outcome's exception retrieved: a caller may never ask for it."""
+    if not task.cancelled():
+        task.exception()
