@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_layers, running_pair, wait_until
+from conftest import off_loop, random_layers, running_pair, wait_for_condition, wait_until
 from kvship import Client, SyncClient
 from kvship.bench.spawn import DaemonProcess
 from kvship.errors import KvshipError
@@ -178,36 +178,49 @@ async def test_put_checks_the_layer_against_the_layout(capped: tuple[DaemonProce
                 await sender.put(1, np.zeros((4, 8), np.uint16))
 
 
+@pytest.mark.parametrize(
+    ("second", "first_done"), [("latency", "second"), ("bulk", "first")], ids=["latency", "bulk"]
+)
 async def test_latency_transfer_overtakes_bulk_on_a_capped_link(
-    capped: tuple[DaemonProcess, ...],
+    capped: tuple[DaemonProcess, ...], second: str, first_done: str
 ) -> None:
-    """80 Mbit/s cap: a latency transfer started after a bulk one finishes first."""
+    """80 Mbit/s cap, two transfers of the same size, the second started once the first
+    is on the wire. Shared byte-fairly (both "bulk"), the first, with its head start,
+    finishes first; a "latency" second one takes the link and finishes first. So the
+    test fails if priority is broken, not only if sharing is."""
     a, b = capped
     finished: list[str] = []
+    size = 6 << 20
 
-    async def ship(rid: str, nbytes: int, priority: str) -> None:
+    async def ship(rid: str, priority: str) -> None:
         # Random bytes: compression (auto, the cap binds) must not shrink them away.
-        layers = [np.random.default_rng(i).bytes(nbytes // 4) for i in range(4)]
-        layers = [np.frombuffer(x, dtype=np.uint8) for x in layers]
+        layers = [np.random.default_rng(i).bytes(size // 4) for i in range(4)]
+        arrays = [np.frombuffer(x, dtype=np.uint8) for x in layers]
         async with (
             Client(b.socket_path) as receiving,
             Client(a.socket_path, chunk_bytes=256 << 10) as sending,
         ):
             drained = asyncio.create_task(_drain(receiving, rid))
             async with sending.send(
-                rid, layout_of(layers), peer=b.peer, priority=priority
+                rid, layout_of(arrays), peer=b.peer, priority=priority
             ) as sender:
-                for i, layer in enumerate(layers):
-                    await sender.put(i, layer)
+                for i, array in enumerate(arrays):
+                    await sender.put(i, array)
                 await sender.finish(timeout=60)
             await asyncio.wait_for(drained, 60)
         finished.append(rid)
 
-    bulk = asyncio.create_task(ship("bulk-1", 6 << 20, "bulk"))
-    await asyncio.sleep(0.2)  # the bulk transfer is queued on the link first
-    await ship("latency-1", 1 << 20, "latency")
-    await bulk
-    assert finished == ["latency-1", "bulk-1"]
+    label = f'peer="{b.peer}"'
+    sent_before = a.metric("kvship_payload_bytes_sent", label)
+    first = asyncio.create_task(ship(f"first-{second}", "bulk"))
+    await wait_for_condition(
+        off_loop(lambda: a.metric("kvship_payload_bytes_sent", label) > sent_before + (1 << 20)),
+        timeout=30,
+        what="the first transfer on the wire",
+    )
+    await ship(f"second-{second}", second)
+    await first
+    assert finished[0] == f"{first_done}-{second}", finished
 
 
 async def _drain(client: Client, rid: str) -> None:

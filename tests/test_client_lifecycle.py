@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import random_layers, running_pair, wait_until
+from conftest import off_loop, random_layers, running_pair, wait_for_condition
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
 from kvship.errors import DaemonConnectionLost, KvshipError
@@ -53,15 +53,6 @@ def failed_with(daemon: DaemonProcess, rid: str, code: str) -> Callable[[], bool
     return check
 
 
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Like conftest.wait_until, but lets this test's loop run (finalizers, callbacks)."""
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 async def test_send_block_left_by_an_exception_aborts(pair: tuple[DaemonProcess, ...]) -> None:
     a, b = pair
     arrays = random_layers(3, 64 << 10, seed=1)
@@ -70,7 +61,9 @@ async def test_send_block_left_by_an_exception_aborts(pair: tuple[DaemonProcess,
             async with client.send("ctx-raise", layout_of(arrays), peer=b.peer) as sender:
                 await sender.put(0, arrays[0])
                 raise RuntimeError("forward pass failed")
-        wait_until(failed_with(a, "ctx-raise", "CANCELLED"), what="the send aborted")
+        await wait_for_condition(
+            off_loop(failed_with(a, "ctx-raise", "CANCELLED")), what="the send aborted"
+        )
         assert client._live == set() and client._idle["send"] == []  # closed, not pooled
         with pytest.raises(KvshipError):  # the transfer is over
             await sender.put(1, arrays[1])
@@ -83,7 +76,9 @@ async def test_send_block_left_without_finish_aborts(pair: tuple[DaemonProcess, 
         async with client.send("ctx-unfinished", layout_of(arrays), peer=b.peer) as sender:
             for i, array in enumerate(arrays):
                 await sender.put(i, array)
-        wait_until(failed_with(a, "ctx-unfinished", "CANCELLED"), what="the send aborted")
+        await wait_for_condition(
+            off_loop(failed_with(a, "ctx-unfinished", "CANCELLED")), what="the send aborted"
+        )
         assert client._live == set()
 
 
@@ -130,11 +125,13 @@ async def test_breaking_out_of_a_receive_releases_its_connection(
             receiver = await client.receive(rid, timeout=20)
             async for _layer, _kv in receiver:
                 break  # the iterator is dropped here; its finalizer closes the connection
-            await eventually(lambda: client._live == set(), "the connection to close")
+            await wait_for_condition(lambda: client._live == set(), what="the connection to close")
         assert client._idle["recv"] == [] and not receiver.complete
         await asyncio.wait_for(sent, 20)  # the sender's side was done: the far daemon has it
         # The daemon saw the engine go (and dropped whatever it had not delivered yet).
-        wait_until(lambda: engine_connections(b) == before, what="the daemon to see it close")
+        await wait_for_condition(
+            off_loop(lambda: engine_connections(b) == before), what="the daemon to see it close"
+        )
 
 
 async def test_aclose_closes_busy_connections_arenas_and_the_http_session(
@@ -161,14 +158,16 @@ async def test_aclose_closes_busy_connections_arenas_and_the_http_session(
     with pytest.raises(KvshipError, match="closed"):
         await client.send("after-aclose", layout_of(arrays), peer=b.peer)
     await client.aclose()  # idempotent
-    wait_until(failed_with(a, "ctx-aclose", "CANCELLED"), what="the send cancelled")
+    await wait_for_condition(
+        off_loop(failed_with(a, "ctx-aclose", "CANCELLED")), what="the send cancelled"
+    )
 
 
 async def test_aclose_fails_a_waiting_receive(pair: tuple[DaemonProcess, ...]) -> None:
     b = pair[1]
     client = Client(b.socket_path)
     waiting = asyncio.create_task(client.receive("ctx-never", timeout=20))
-    await eventually(lambda: len(client._live) == 1, "the subscription")
+    await wait_for_condition(lambda: len(client._live) == 1, what="the subscription")
     await client.aclose()
     with pytest.raises(DaemonConnectionLost, match="Client was closed"):
         await asyncio.wait_for(waiting, 10)
