@@ -70,6 +70,14 @@ def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPr
         yield pair
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for "nobody there" tests)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 POLL_S = 0.02  # how often wait_until / wait_for_condition look again
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvship.bench.spawn import DaemonProcess, daemon_pair, free_port
+from conftest import free_port
+from kvship.bench.spawn import DaemonProcess, daemon_pair
 from testdata import kv_path, token_ids_path
 
 KV_FILE = kv_path("prose", "bf16")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import (
+    free_port,
     good_transfer,
     random_layers,
     receive_all,
@@ -26,7 +27,7 @@ from conftest import (
     wait_for_condition,
 )
 from kvship import Client
-from kvship.bench.spawn import DaemonProcess, free_port
+from kvship.bench.spawn import DaemonProcess
 from kvship.errors import (
     DaemonUnavailable,
     PeerUnreachable,

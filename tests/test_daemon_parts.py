@@ -150,12 +150,14 @@ def test_budget_defers_credit_past_its_bound_and_returns_it_in_order() -> None:
     assert a.granted == 61
     budget.hold(b, 60, 62)  # 120 > 100: b waits
     budget.hold(a, 10, 11)  # waits behind b, though it would fit now
-    assert (b.granted, a.granted, budget.deferred_credit) == (0, 61, 73)
+    assert (b.granted, a.granted) == (0, 61)
     budget.unhold(60)
     assert (b.granted, a.granted, budget.staged) == (62, 72, 70)
-    budget.hold(b, 50, 5)
+    budget.hold(b, 50, 5)  # 120 again: waits
     budget.forget(b)  # its connection closed: nobody to give the credit to
-    assert budget.deferred_credit == 0
+    budget.hold(a, 0, 7)
+    budget.unhold(120)
+    assert (b.granted, a.granted) == (62, 79)  # a's credit went; b's was dropped
 
 
 # ------------------------------------------------------------------------ store set

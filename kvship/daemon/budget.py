@@ -47,10 +47,6 @@ class StagingBudget:
         """A peer connection closed: its deferred credit has nobody to go to."""
         self._deferred = deque((c, n) for c, n in self._deferred if c is not conn)
 
-    @property
-    def deferred_credit(self) -> int:
-        return sum(n for _, n in self._deferred)
-
     def _show(self) -> None:
         if self._gauge is not None:
             self._gauge.set(self.staged)
