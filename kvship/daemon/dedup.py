@@ -11,6 +11,7 @@ the layer's buffer, and the layer's own full blocks go into the store for the ne
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from ..protocol import LayerSpec
 from ..store import BlockStore, StoreError
 
 log = logging.getLogger("kvship.dedup")
+
+SLICE_BLOCKS = 512  # store work per turn of the loop at delivery (~2 ms)
 
 
 @dataclass(frozen=True)
@@ -87,35 +90,52 @@ class HeldPrefix:
         """Bytes at the start of ``layer`` that come from the store, not the wire."""
         return len(self.skip.get(layer, ())) * self.chunk_size
 
-    def fill(self, layer: int, view: memoryview) -> None:
-        """Copy the held prefix (or state) of ``layer`` into its buffer."""
-        n = self.prefix_bytes(layer)
-        if not n:
-            return
+    async def restore(self, layer: int, view: memoryview) -> None:
+        """Put the held prefix (or state) of ``layer`` into its buffer, then keep the
+        layer's new full blocks (or its state) for the next request with this prefix.
+
+        A long prompt has thousands of blocks per layer (~30 ms of store work per 8K
+        blocks): the work goes in slices, yielding to the loop between them."""
         kind = self.manifest.layout.layers[layer]
-        if isinstance(kind, FullAttention):
-            bb = kind.block_bytes
-            for i in range(min(n, len(view)) // bb):
-                data = self.store.get(self.manifest.keys[i], layer)
-                if data is None:  # pinned: cannot happen unless the store is broken
-                    raise StoreError(f"pinned block {i} of layer {layer} is gone")
-                view[i * bb : (i + 1) * bb] = data
-        else:
+        if not isinstance(kind, FullAttention):
+            self._restore_state(layer, view)
+            return
+        bb, keys = kind.block_bytes, self.manifest.keys
+        held = min(self.prefix_bytes(layer), len(view)) // bb
+        for start in range(0, held, SLICE_BLOCKS):
+            self._fill_blocks(layer, view, bb, range(start, min(held, start + SLICE_BLOCKS)))
+            await asyncio.sleep(0)
+        for start in range(self.blocks, len(keys), SLICE_BLOCKS):
+            new = range(start, min(len(keys), start + SLICE_BLOCKS))
+            if not self._remember_blocks(layer, view, bb, new):
+                return  # the store is full of pinned blocks: keep no more
+            await asyncio.sleep(0)
+
+    def _fill_blocks(self, layer: int, view: memoryview, bb: int, blocks: range) -> None:
+        for i in blocks:
+            data = self.store.get(self.manifest.keys[i], layer)
+            if data is None:  # pinned: cannot happen unless the store is broken
+                raise StoreError(f"pinned block {i} of layer {layer} is gone")
+            view[i * bb : (i + 1) * bb] = data
+
+    def _remember_blocks(self, layer: int, view: memoryview, bb: int, blocks: range) -> bool:
+        keys = self.manifest.keys
+        try:
+            for i in blocks:
+                if not self.store.has(keys[i], layer):
+                    self.store.put(keys[i], layer, view[i * bb : (i + 1) * bb])
+        except StoreError:
+            return False
+        return True
+
+    def _restore_state(self, layer: int, view: memoryview) -> None:
+        if self.prefix_bytes(layer):
             state = self.store.get_state(self.state_key, layer)
             if state is None:
                 raise StoreError(f"pinned state of layer {layer} is gone")
             view[: len(state)] = state
-
-    def remember(self, layer: int, view: memoryview) -> None:
-        """Keep the layer's full blocks (or state) for the next request with this prefix."""
-        kind = self.manifest.layout.layers[layer]
-        with contextlib.suppress(StoreError):  # full of pinned blocks: just do not keep it
-            if isinstance(kind, FullAttention):
-                bb = kind.block_bytes
-                for i in range(self.blocks, len(self.manifest.keys)):
-                    if not self.store.has(self.manifest.keys[i], layer):
-                        self.store.put(self.manifest.keys[i], layer, view[i * bb : (i + 1) * bb])
-            elif not self.store.has_state(self.state_key, layer):
+        elif not self.store.has_state(self.state_key, layer):
+            with contextlib.suppress(StoreError):  # full of pinned entries: do not keep it
                 self.store.put_state(self.state_key, layer, bytes(view))
 
     def release(self) -> None:

@@ -225,7 +225,7 @@ class Subscription:
                 view = self.view(offset, nbytes)
                 for chunk_offset, data in transfer.held_chunks(layer):  # came before the region
                     view[chunk_offset : chunk_offset + len(data)] = data
-                transfer.fill_from_store(layer, view)
+                await transfer.fill_from_store(layer, view)
             self.conn.send(LayerReady(self.tid, layer, offset or 0, nbytes))
             return True
         # Inline: no arena, or a layer too large for it.
@@ -235,7 +235,7 @@ class Subscription:
             whole = memoryview(bytearray(nbytes))  # the store's prefix + the wire's rest
             for chunk_offset, buf in chunks:
                 whole[chunk_offset : chunk_offset + len(buf)] = buf
-            transfer.fill_from_store(layer, whole)
+            await transfer.fill_from_store(layer, whole)
             chunks = [(o, whole[o : o + size]) for o in range(0, nbytes, size)]
         first = transfer.starts[layer]
         for chunk_offset, buf in chunks:

@@ -340,12 +340,11 @@ class IncomingTransfer:
     def dedup(self) -> bool:
         return self.held_prefix is not None
 
-    def fill_from_store(self, layer: int, view: memoryview) -> None:
+    async def fill_from_store(self, layer: int, view: memoryview) -> None:
         """Dedup: put the stored prefix into the layer's buffer, and keep its new blocks
         for the next request with this prefix."""
         if self.held_prefix is not None:
-            self.held_prefix.fill(layer, view)
-            self.held_prefix.remember(layer, view)
+            await self.held_prefix.restore(layer, view)
 
     def layer_delivered(self, layer: int) -> None:
         """The engine has ``layer``: its daemon-memory chunks are freed."""
