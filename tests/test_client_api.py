@@ -211,10 +211,10 @@ async def test_latency_transfer_overtakes_bulk_on_a_capped_link(
         finished.append(rid)
 
     label = f'peer="{b.peer}"'
-    sent_before = a.metric("kvship_payload_bytes_sent", label)
+    sent_before = a.metric("kvship_payload_sent_bytes", label)
     first = asyncio.create_task(ship(f"first-{second}", "bulk"))
     await wait_for_condition(
-        off_loop(lambda: a.metric("kvship_payload_bytes_sent", label) > sent_before + (1 << 20)),
+        off_loop(lambda: a.metric("kvship_payload_sent_bytes", label) > sent_before + (1 << 20)),
         timeout=30,
         what="the first transfer on the wire",
     )

@@ -41,8 +41,8 @@ async def test_split16_ships_real_bf16_bit_exact_and_smaller(
     layers = [np.ascontiguousarray(kv[i].reshape(2, -1)) for i in range(kv.shape[0])]
     # Several layers per chunk-sized array, so chunks are large enough to compress well.
     arrays = [np.concatenate(layers[i : i + 10], axis=1) for i in range(0, 30, 10)]
-    before_payload = a.metric("kvship_payload_bytes_sent")
-    before_wire = a.metric("kvship_wire_bytes_sent")
+    before_payload = a.metric("kvship_payload_sent_bytes")
+    before_wire = a.metric("kvship_wire_sent_bytes")
     rid = f"bf16-split-{doc}"
     async with Client(b.socket_path) as engine_b, Client(a.socket_path) as engine_a:
         receiving = asyncio.create_task(receive_all(engine_b, rid))
@@ -54,8 +54,8 @@ async def test_split16_ships_real_bf16_bit_exact_and_smaller(
     assert receiver.complete and receiver.digest == result.digest
     for i, array in enumerate(arrays):
         assert same_bytes(got[i], array), f"layer {i} differs"
-    payload = a.metric("kvship_payload_bytes_sent") - before_payload
-    wire = a.metric("kvship_wire_bytes_sent") - before_wire
+    payload = a.metric("kvship_payload_sent_bytes") - before_payload
+    wire = a.metric("kvship_wire_sent_bytes") - before_wire
     assert payload == sum(x.nbytes for x in arrays)
     assert payload / wire >= 1.40, (payload, wire)  # split16 gives ~1.45x on this data
 

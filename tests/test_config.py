@@ -68,3 +68,62 @@ def test_kvshipd_exits_2_with_a_clear_message_on_bad_config(tmp_path: Path) -> N
     assert out.returncode == 2
     assert "window_bytes" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("no_such_key = 1", ["no_such_key", "bad.toml"]),
+        ('window_bytes = "8MiB"', ["window_bytes", "expected int", "bad.toml"]),
+        ("window_bytes = 10", ["window_bytes", "bad.toml"]),
+        ('log_format = "xml"', ["log_format", "bad.toml"]),
+        ('control_listen = "nowhere"', ["control_listen", "bad.toml"]),
+        ('engine_socket = "/proc/kvship/kvshipd.sock"', ["engine_socket", "/proc"]),
+    ],
+    ids=["unknown-key", "wrong-type", "out-of-range", "bad-choice", "bad-address", "bad-dir"],
+)
+def test_bad_config_stops_kvshipd_before_binding_and_check_config_agrees(
+    tmp_path: Path, text: str, names: list[str]
+) -> None:
+    """Every bad config stops kvshipd at start, exit 2, with a message naming the key and
+    the file, before any port is bound; ``kvshipd --check-config FILE`` says the same."""
+    import socket
+
+    with socket.socket() as probe:  # a port we know: nothing may be listening on it after
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "bad.toml"
+    path.write_text(f'peer_listen = "127.0.0.1:{port}"\n{text}\n')
+    for args in (["--config", str(path)], ["--check-config", str(path)]):
+        out = subprocess.run(
+            [sys.executable, "-m", "kvship.daemon.main", *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 2, out
+        assert all(name in out.stderr for name in names), out.stderr
+        assert "Traceback" not in out.stderr
+    with socket.socket() as probe:  # nothing bound it meanwhile
+        probe.bind(("127.0.0.1", port))
+
+
+def test_check_config_accepts_the_example(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kvship.daemon.main", "--check-config",
+         str(ROOT / "daemon" / "kvshipd.toml"), "--engine-socket", str(tmp_path / "k.sock")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "configuration OK" in out.stdout
+
+
+def test_operations_guide_has_the_config_reference_the_code_defines() -> None:
+    """docs/operations.md's reference table is generated from Config's own field docs
+    (python -c 'from kvship.daemon.config import reference_markdown as r; print(r())');
+    a key added or changed in the code without the docs fails here."""
+    from kvship.daemon.config import reference_markdown
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    block = text.split("<!-- config-reference:begin -->\n", 1)[1].split(
+        "<!-- config-reference:end -->", 1
+    )[0]
+    assert block == reference_markdown()

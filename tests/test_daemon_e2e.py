@@ -41,8 +41,8 @@ from testdata import token_ids as sample_token_ids
 MIB = 1024 * 1024
 SAMPLE_FILES = [kv_path("prose", dtype).name for dtype in DTYPES]  # tests/data/kv: bf16, fp16, fp8
 METRIC_FAMILIES = [
-    "kvship_payload_bytes_sent",
-    "kvship_payload_bytes_received",
+    "kvship_payload_sent_bytes",
+    "kvship_payload_received_bytes",
     "kvship_chunks_sent",
     "kvship_chunks_received",
     "kvship_transfers",
@@ -232,9 +232,9 @@ async def test_control_plane(daemons: tuple[DaemonProcess, DaemonProcess]) -> No
         done = daemon.metric("kvship_transfers_total", f'direction="{direction}"')
         assert done >= 1
         assert daemon.metric("kvship_transfers_in_flight", f'direction="{direction}"') == 0
-    assert a.metric("kvship_payload_bytes_sent_total") >= total
+    assert a.metric("kvship_payload_sent_bytes_total") >= total
     assert a.metric("kvship_chunks_sent_total") >= 3
-    assert b.metric("kvship_payload_bytes_received_total") >= total
+    assert b.metric("kvship_payload_received_bytes_total") >= total
     assert b.metric("kvship_chunks_received_total") >= 3
 
     for daemon, direction in ((a, "out"), (b, "in")):

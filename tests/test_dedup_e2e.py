@@ -65,7 +65,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProce
 async def ship(a: DaemonProcess, b: DaemonProcess, rid: str, tokens: np.ndarray) -> int:
     """Send with the model's manifest, receive, check every byte; returns the wire bytes."""
     layers = kv_for(tokens)
-    before = a.metric("kvship_wire_bytes_sent")
+    before = a.metric("kvship_wire_sent_bytes")
     async with (
         Client(b.socket_path) as receiving_engine,
         Client(a.socket_path, chunk_bytes=2 * BLOCK) as sending_engine,
@@ -83,7 +83,7 @@ async def ship(a: DaemonProcess, b: DaemonProcess, rid: str, tokens: np.ndarray)
             receiving.cancel()
     for i, layer in enumerate(layers):
         assert np.array_equal(got[i], layer), f"{rid}: layer {i} differs"
-    return int(a.metric("kvship_wire_bytes_sent") - before)
+    return int(a.metric("kvship_wire_sent_bytes") - before)
 
 
 async def _receive(client: Client, rid: str) -> list[np.ndarray]:

@@ -50,7 +50,7 @@ async def _ship(
     a: DaemonProcess, b: DaemonProcess, model: ModelLayout, rid: str, tokens: np.ndarray
 ) -> dict[str, Any]:
     layers = synthetic_kv(model, tokens)
-    wire_before = a.metric("kvship_wire_bytes_sent")
+    wire_before = a.metric("kvship_wire_sent_bytes")
     receiving = asyncio.create_task(_receive(Client(b.socket_path), rid))
     sender = await Client(a.socket_path).send(
         rid, layout_of(layers), peer=b.peer, token_ids=tokens.tolist(), model=model
@@ -63,7 +63,7 @@ async def _ship(
     record = b.get_json(f"/v1/transfers/{rid}")
     return {
         "payload_bytes": sum(x.nbytes for x in layers),
-        "wire_bytes": int(a.metric("kvship_wire_bytes_sent") - wire_before),
+        "wire_bytes": int(a.metric("kvship_wire_sent_bytes") - wire_before),
         "skipped_bytes": int(record["skipped_bytes"]),
         "digest_match": exact,
     }

@@ -119,7 +119,7 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if recv.returncode != 0:
             raise RuntimeError("receiving engine failed")
         got = json.loads(out.decode().strip().splitlines()[-1])
-        wire_bytes = a.metric("kvship_wire_bytes_sent")
+        wire_bytes = a.metric("kvship_wire_sent_bytes")
         staged = b.metric("kvship_chunks_staged")
         rss = {"sender": a.peak_rss_mib(), "receiver": b.peak_rss_mib()}
     finally:
@@ -156,7 +156,7 @@ class WireSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                value = self.daemon.metric("kvship_wire_bytes_sent")
+                value = self.daemon.metric("kvship_wire_sent_bytes")
             except OSError:
                 value = None
             if value is not None:

@@ -242,8 +242,8 @@ def daemon_figures(prefill: DaemonProcess, decode: DaemonProcess, request_id: st
 
     return {
         "prefill": {
-            "payload_bytes_sent": int(prefill.metric("kvship_payload_bytes_sent")),
-            "wire_bytes_sent": int(prefill.metric("kvship_wire_bytes_sent")),
+            "payload_bytes_sent": int(prefill.metric("kvship_payload_sent_bytes")),
+            "wire_bytes_sent": int(prefill.metric("kvship_wire_sent_bytes")),
             "chunks_sent": int(prefill.metric("kvship_chunks_sent")),
             "transfers_out_complete": int(
                 prefill.metric("kvship_transfers", 'direction="out",outcome="complete"')
@@ -251,7 +251,7 @@ def daemon_figures(prefill: DaemonProcess, decode: DaemonProcess, request_id: st
             "transfer": record(prefill),
         },
         "decode": {
-            "payload_bytes_received": int(decode.metric("kvship_payload_bytes_received")),
+            "payload_bytes_received": int(decode.metric("kvship_payload_received_bytes")),
             "chunks_received": int(decode.metric("kvship_chunks_received")),
             "protocol_errors": int(decode.metric("kvship_protocol_errors")),
             "transfer": record(decode),

@@ -30,13 +30,14 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..daemon.config import ConfigError
+    from ..daemon.config import ConfigError, preflight
     from ..daemon.main import config_from_args, run
 
     if args.verbose and args.log_level is None:
         args.log_level = "debug"
     try:
         config = config_from_args(args)
+        preflight(config)
     except ConfigError as exc:
         raise CliError(f"bad configuration: {exc}", EXIT_USAGE) from exc
     return run(config, args.ready_file, lambda: config_from_args(args))

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..payload import Decoder, Encoder
 
 
 class CodecPool:
-    def __init__(self, workers: int, level: int = 1) -> None:
+    def __init__(
+        self, workers: int, level: int = 1, observe: Callable[[str, float], None] | None = None
+    ) -> None:
         self.workers = workers
+        self.observe = observe  # (operation, seconds) of each chunk, for metrics
         self.level = level
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="kvship-codec")
         self._local = threading.local()
@@ -54,6 +58,8 @@ class CodecPool:
             )
         finally:
             self.busy -= 1
+        if self.observe is not None:
+            self.observe("encode", seconds)
         if seconds > 0:
             speed = len(data) / seconds
             self.encode_Bps += 0.2 * (speed - self.encode_Bps)
@@ -61,8 +67,10 @@ class CodecPool:
 
     def _decode(
         self, codec: int, wire: memoryview, raw_length: int, checksum: int, out: memoryview
-    ) -> None:
+    ) -> float:
+        start = time.perf_counter()
         self._decoder().decode(codec, wire, raw_length, checksum, out)  # in the worker thread
+        return time.perf_counter() - start
 
     async def decode(
         self, codec: int, wire: memoryview, raw_length: int, checksum: int, out: memoryview
@@ -71,11 +79,13 @@ class CodecPool:
         self.busy += 1
         try:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
+            seconds = await loop.run_in_executor(
                 self._executor, self._decode, codec, wire, raw_length, checksum, out
             )
         finally:
             self.busy -= 1
+        if self.observe is not None:
+            self.observe("decode", seconds)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -6,11 +6,14 @@ so a bad config fails at start with a message naming the key, never mid-transfer
 
 from __future__ import annotations
 
+import json
+import tempfile
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..addresses import split_hostport
 from ..ratelimit import RateError, parse_burst, parse_rate
 
 MIB = 1024 * 1024
@@ -21,40 +24,80 @@ class ConfigError(ValueError):
     """A config file or flag with a missing, mistyped or out-of-range value."""
 
 
+def _key(default: Any, doc: str) -> Any:
+    """A config key: its default and its one-paragraph description (docs/operations.md's
+    reference table is generated from these; a test keeps the two equal)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class Config:
-    node_name: str = "kvshipd"
-    # Peer data plane: other kvshipd connect here.
-    peer_listen: str = "0.0.0.0:7470"
-    # Local engine API: a Unix socket (shared-memory staging) and/or TCP ("" = off).
-    engine_socket: str = "/run/kvship/kvshipd.sock"
-    engine_listen: str = "127.0.0.1:7471"
-    # Control plane (aiohttp): /healthz, /metrics, /v1/transfers.
-    control_listen: str = "127.0.0.1:7472"
-    connections_per_peer: int = 4
-    window_bytes: int = 8 * MIB  # credit window per connection
-    max_transfers_per_connection: int = 64
-    # Token buckets in bytes on the wire (after compression): each peer link, and all of
-    # them together ("egress"). Rates like "10gbit", "1.5Gbit/s", "125MB/s" or "unlimited";
-    # bursts like "16MiB" (at least two chunks, see docs/ratelimit.md).
-    peer_rate: str = "unlimited"
-    peer_burst: str = "16MiB"
-    egress_rate: str = "unlimited"
-    egress_burst: str = "16MiB"
-    # Chunk compression towards peers: raw | zstd | split (split16 for 2-byte dtypes, zstd
-    # for the rest) | auto (split's codecs, only while the link is the bottleneck).
-    compression: str = "auto"
-    compress_level: int = 1  # zstd level of the zstd codec
-    compress_workers: int = 2  # threads that compress and decompress chunks
-    # Prefix dedup: KV blocks kept (LRU, content-addressed) for later requests that share a
-    # prefix; up to 4 models share it.
-    store_bytes: int = 512 * MIB
-    staging_bytes: int = 64 * MIB  # received bytes held in daemon memory, all transfers
-    subscribe_timeout_s: float = 30.0  # default wait of an engine's receive()
-    retention_s: float = 120.0  # how long a received, unclaimed transfer is kept
-    connect_timeout_s: float = 10.0
-    drain_timeout_s: float = 30.0  # SIGTERM: how long running transfers may finish
-    log_level: str = "info"
+    node_name: str = _key(
+        "kvshipd", "Name this daemon gives itself in handshakes, logs and /healthz."
+    )
+    peer_listen: str = _key(
+        "0.0.0.0:7470", "Peer data plane: other kvshipd connect here (host:port, [v6]:port)."
+    )
+    engine_socket: str = _key(
+        "/run/kvship/kvshipd.sock",
+        "Local engine API on a Unix socket: engines share a staging arena in shared memory "
+        '(one memcpy per byte). Its directory is created if missing. "" = off.',
+    )
+    engine_listen: str = _key(
+        "127.0.0.1:7471",
+        'Engine API over TCP, for engines on other hosts (chunks inline). "" = off.',
+    )
+    control_listen: str = _key(
+        "127.0.0.1:7472",
+        "Control plane (HTTP): /healthz, /metrics, /v1/transfers, /v1/links, /v1/route, "
+        '/v1/lookup. "" = off.',
+    )
+    connections_per_peer: int = _key(
+        4, "TCP connections per destination daemon; chunk i of a transfer goes on i mod N."
+    )
+    window_bytes: int = _key(
+        8 * MIB,
+        "Flow-control window per connection (64 KiB .. 2 GiB); chunks are at most 4 MiB or "
+        "this. Size it to bandwidth x RTT / connections_per_peer.",
+    )
+    max_transfers_per_connection: int = _key(64, "Transfers one connection may carry at once.")
+    peer_rate: str = _key(
+        "unlimited",
+        "Token bucket of each peer link, in bytes on the wire (after compression): "
+        '"10gbit", "1.5Gbit/s", "125MB/s" or "unlimited". Live: PUT /v1/links/{peer}, SIGHUP.',
+    )
+    peer_burst: str = _key("16MiB", "Burst of each link's bucket (keep at least two chunks).")
+    egress_rate: str = _key("unlimited", "Token bucket of all peer links together.")
+    egress_burst: str = _key("16MiB", "Burst of the egress bucket.")
+    compression: str = _key(
+        "auto",
+        "Chunk compression towards peers: raw | zstd | split (split16 for 2-byte dtypes, "
+        "zstd for the rest) | auto (split's codecs, only while the link is the bottleneck).",
+    )
+    compress_level: int = _key(1, "zstd level of the zstd codec (1..19).")
+    compress_workers: int = _key(2, "Threads that compress and decompress chunks (1..64).")
+    store_bytes: int = _key(
+        512 * MIB,
+        "Prefix dedup block stores: KV kept for later requests that share a prefix, all "
+        "models together (LRU, blocks in use pinned).",
+    )
+    staging_bytes: int = _key(
+        64 * MIB,
+        "Received KV held in daemon memory (all transfers) when no engine arena can take it; "
+        "past it senders get no credit. At least window_bytes.",
+    )
+    subscribe_timeout_s: float = _key(30.0, "Default wait of an engine's receive() for a transfer.")
+    retention_s: float = _key(
+        120.0, "A received transfer nobody claims, or one that stalls, is dropped after this."
+    )
+    connect_timeout_s: float = _key(10.0, "Connecting to a peer daemon gives up after this.")
+    drain_timeout_s: float = _key(
+        30.0, "On SIGTERM: running transfers may finish for up to this long."
+    )
+    log_level: str = _key("info", "debug | info | warning | error.")
+    log_format: str = _key(
+        "plain", "plain (human lines) | json (one JSON object per line, for log pipelines)."
+    )
 
     def validate(self) -> Config:
         def need(cond: bool, key: str, why: str) -> None:
@@ -95,7 +138,14 @@ class Config:
             "log_level",
             "debug|info|warning|error",
         )
-        need(bool(self.peer_listen), "peer_listen", "must be host:port")
+        need(self.log_format in ("plain", "json"), "log_format", "plain|json")
+        for key in ("peer_listen", "engine_listen", "control_listen"):
+            value = getattr(self, key)
+            if value or key == "peer_listen":
+                try:
+                    split_hostport(value)
+                except ValueError:
+                    need(False, key, "must be host:port or [v6]:port")
         need(
             bool(self.engine_socket or self.engine_listen),
             "engine_socket",
@@ -129,11 +179,43 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for key, value in data.items():
             if key not in _TYPES:
                 raise ConfigError(f"{path}: unknown key {key!r}")
-            values[key] = _coerce(key, value)
+            try:
+                values[key] = _coerce(key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key not in _TYPES:
             raise ConfigError(f"unknown setting {key!r}")
         values[key] = _coerce(key, value)
-    return replace(Config(), **values).validate()
+    try:
+        return replace(Config(), **values).validate()
+    except ConfigError as exc:
+        where = f"{path} (or its flags)" if path is not None else "flags"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def preflight(config: Config) -> None:
+    """What the config needs of the machine, checked before any port is bound: the engine
+    socket's directory exists (it is created, as a start would) and takes a new file."""
+    if not config.engine_socket:
+        return
+    directory = Path(config.engine_socket).parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".kvshipd-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"engine_socket: cannot make the socket in {directory}: {exc.strerror or exc}"
+        ) from None
+
+
+def reference_markdown() -> str:
+    """The config reference table of docs/operations.md, made from the code."""
+    rows = ["| key | type | default | what it does |", "|---|---|---|---|"]
+    for f in fields(Config):
+        default = json.dumps(f.default)
+        rows.append(f"| `{f.name}` | {f.type} | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"

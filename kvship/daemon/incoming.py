@@ -104,6 +104,7 @@ class IncomingTransfer:
         self.destination_of: Destination | None = None
         self.error: tuple[ErrorCode, str] | None = None
         self.changed = asyncio.Event()  # wakes the delivery
+        self._delivered_any = False
         self.last_activity = time.monotonic()
         self.record = TransferRecord(
             self.id,
@@ -351,6 +352,10 @@ class IncomingTransfer:
         self.ready.remove(layer)
         self.last_activity = time.monotonic()
         self._release_layer(layer)
+        if not self._delivered_any:
+            self._delivered_any = True
+            seconds = max(0.0, time.time() - self.record.started)
+            self.ctx.metrics.first_layer_seconds.observe(seconds)
 
     async def wait_changed(self) -> None:
         await self.changed.wait()

@@ -165,11 +165,13 @@ class OutgoingTransfer:
         manifest = self.opened.extra.get("dedup")
         if manifest is None or not conns[0].conn.negotiated.capabilities & CAP_DEDUP:
             return
+        asked = time.monotonic()
         try:
             plan = Manifest.from_extra(manifest)
             have = await asyncio.wait_for(asyncio.shield(self.have), HAVE_TIMEOUT_S)
         except (DedupError, TimeoutError):
             return  # no dedup: everything travels
+        self.ctx.metrics.have_rtt_seconds.observe(time.monotonic() - asked)
         skip = skipped_chunks(
             plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks, have.states
         )
@@ -223,6 +225,7 @@ class OutgoingTransfer:
         assert link is not None
         sent_bytes = metrics.bytes_sent.labels(self.opened.peer)
         wire_bytes = metrics.wire_bytes_sent.labels(self.opened.peer)
+        queue_wait = metrics.queue_wait_seconds
         while True:
             item = await queue.get()
             if item is _END:
@@ -230,7 +233,9 @@ class OutgoingTransfer:
                 return
             meta, data, release, queued_at = item
             self.queued_bytes -= len(data)
-            link.figures.waited(time.monotonic() - queued_at)
+            waited = time.monotonic() - queued_at
+            link.figures.waited(waited)
+            queue_wait.observe(waited)
             if meta.chunk_index in self.skip:  # the receiver holds it already
                 release()
                 continue

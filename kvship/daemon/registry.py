@@ -99,7 +99,11 @@ class TransferRegistry:
 
     def _record(self, record: TransferRecord) -> None:
         if self.metrics is not None:
-            self.metrics.transfers.labels(record.direction, str(record.state)).inc()
+            outcome = str(record.state)
+            self.metrics.transfers.labels(record.direction, outcome).inc()
+            if record.finished is not None:
+                seconds = max(0.0, record.finished - record.started)
+                self.metrics.transfer_seconds.labels(record.direction, outcome).observe(seconds)
         self.history[record.transfer_id] = record
         while len(self.history) > self._history_max:
             self.history.popitem(last=False)

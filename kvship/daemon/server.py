@@ -58,7 +58,11 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = metrics = Metrics()
-        self.codecs = CodecPool(config.compress_workers, config.compress_level)
+        self.codecs = CodecPool(
+            config.compress_workers,
+            config.compress_level,
+            lambda op, seconds: metrics.codec_seconds.labels(op).observe(seconds),
+        )
         self.limits = Limits(
             max_chunk=min(MAX_CHUNK, config.window_bytes),  # a chunk must fit the window
             max_transfers=config.max_transfers_per_connection,
