@@ -16,8 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from ..addresses import join_hostport, split_hostport
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, preflight
 from .control import make_app
+from .notify import SystemdNotifier
 from .server import Daemon
 
 log = logging.getLogger("kvship.daemon")
@@ -46,6 +47,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress-workers", dest="compress_workers", type=int)
     parser.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float)
     parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument("--log-format", dest="log_format", help="plain (default) | json")
     parser.add_argument(
         "--ready-file", help="write the bound addresses as JSON here once listening"
     )
@@ -57,9 +59,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def status_line(daemon: Daemon, state: str | None = None) -> str:
+    """The one-line summary systemd shows (``systemctl status kvshipd``)."""
+    links = sum(1 for link in daemon.links.links.values() if not link.dead)
+    state = state or ("draining" if daemon.draining else "serving")
+    return (
+        f"{state}: transfers out "
+        f"{len(daemon.registry.outgoing)} in {len(daemon.registry.incoming)}, "
+        f"links up {links}, staged {daemon.budget.staged / (1 << 20):.1f} MiB"
+    )
+
+
 async def serve(
-    config: Config, ready_file: str | None = None, reload: Callable[[], Config] | None = None
+    config: Config,
+    ready_file: str | None = None,
+    reload: Callable[[], Config] | None = None,
+    notifier: SystemdNotifier | None = None,
 ) -> int:
+    notifier = SystemdNotifier.from_environ() if notifier is None else notifier
     daemon = Daemon(config)
     await daemon.start()
     runner = web.AppRunner(make_app(daemon.control_view()), access_log=None)
@@ -72,32 +89,51 @@ async def serve(
         if bound:
             h, p = bound[0][:2]
             daemon.addresses["control"] = join_hostport(h, p)
-    if ready_file:
-        with open(ready_file + ".tmp", "w") as fh:
-            json.dump(daemon.addresses, fh)
-        os.replace(ready_file + ".tmp", ready_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        if reload is None:
-            log.warning("SIGHUP: no config file to reload")
-            return
+        # RELOADING=1 ... READY=1 on every SIGHUP, refused or not, so that systemd (and
+        # Type=notify-reload on systemd >= 253) always sees the reload end.
+        notifier.reloading("reloading the configuration")
+        outcome = "reload failed (see the log)"
         try:
-            daemon.reload(reload())
-        except (ConfigError, ValueError) as exc:
-            log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
+            if reload is None:
+                log.warning("SIGHUP: no config file to reload")
+                outcome = "reload refused: no config file"
+                return
+            try:
+                daemon.reload(reload())
+            except (ConfigError, ValueError) as exc:
+                log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
+                outcome = f"reload refused, old config kept: {str(exc)[:200]}"
+                return
+            outcome = "reloaded"
+        finally:
+            notifier.ready(f"{outcome}; {status_line(daemon)}")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
-    log.info("signal received: draining (up to %.0f s)", config.drain_timeout_s)
-    clean = await daemon.drain()
-    if not clean:
-        log.warning("drain deadline passed with transfers still running; aborting them")
-    await daemon.close()
-    await runner.cleanup()
+    # The signal handlers are in place before anyone is told we are up: a SIGTERM or
+    # SIGHUP right after READY must drain or reload, not kill.
+    if ready_file:
+        with open(ready_file + ".tmp", "w") as fh:
+            json.dump(daemon.addresses, fh)
+        os.replace(ready_file + ".tmp", ready_file)
+    notifier.ready(status_line(daemon))
+    notifier.start(lambda: status_line(daemon))
+    try:
+        await stop.wait()
+        log.info("signal received: draining (up to %.0f s)", config.drain_timeout_s)
+        notifier.stopping(status_line(daemon, f"draining (up to {config.drain_timeout_s:g} s)"))
+        clean = await daemon.drain()
+        if not clean:
+            log.warning("drain deadline passed with transfers still running; aborting them")
+        await daemon.close()
+        await runner.cleanup()
+    finally:
+        await notifier.stop()  # the watchdog pings go on through the drain, then end
     log.info("stopped")
     return 0
 
@@ -120,12 +156,24 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvshipd", description="kvship transfer daemon")
     add_serve_arguments(parser)
+    parser.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="check FILE (with the other flags) as a start would, print the result, exit: "
+        "0 if it is good, 2 if not (run it before a reload)",
+    )
     args = parser.parse_args(argv)
+    if args.check_config:
+        args.config = args.check_config
     try:
         config = config_from_args(args)
+        preflight(config)
     except ConfigError as exc:
         print(f"kvshipd: bad configuration: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print(f"kvshipd: {args.check_config}: configuration OK")
+        return 0
     with contextlib.suppress(KeyboardInterrupt):
         return run(config, args.ready_file, lambda: config_from_args(args))
     return 0
