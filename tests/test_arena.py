@@ -302,3 +302,35 @@ RingMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_ring_state_machine = RingMachine.TestCase
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two users")
+def test_an_arena_shared_with_a_group_maps_for_another_user_of_it() -> None:
+    """A daemon running as another user (systemd's User=kvship) maps the engine's arena
+    through the engine socket's group; without the group it could not open the file."""
+    import subprocess
+    import sys
+
+    nobody = 65534
+    arena = Arena.create(1 << 20, group=nobody)
+    try:
+        st = os.stat(arena.path)
+        assert (st.st_gid, st.st_mode & 0o777) == (nobody, 0o660)
+        arena.view(0, 5)[:] = b"hello"
+        probe = (
+            "import os; from kvship.staging import Arena; "  # imports first: /root is private
+            "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+            f"a = Arena.attach({arena.path!r}, {1 << 20}); print(bytes(a.view(0, 5)).decode())"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "hello"
+        private = Arena.create(4096)
+        try:
+            assert os.stat(private.path).st_mode & 0o777 == 0o600
+        finally:
+            private.close()
+    finally:
+        arena.close()

@@ -22,6 +22,16 @@ SHM_DIR = "/dev/shm"
 PAGE = mmap.PAGESIZE
 
 
+def share_with_group(fd: int, group: int) -> None:
+    """Give the file to ``group`` (rw for it), when this process may: its owner may
+    choose any group it belongs to. Otherwise the file stays private (0600)."""
+    try:
+        os.fchown(fd, -1, group)
+    except PermissionError:
+        return
+    os.fchmod(fd, 0o660)
+
+
 class Arena:
     """A mapped shared-memory region; ``view(offset, length)`` gives writable memoryviews."""
 
@@ -33,16 +43,22 @@ class Arena:
         self.buffer = memoryview(mm)
 
     @classmethod
-    def create(cls, size: int, prefix: str = "kvship") -> Arena:
+    def create(cls, size: int, prefix: str = "kvship", group: int | None = None) -> Arena:
         """A new arena with every page allocated and faulted in before data flows (that
         costs ~0.5 s per GiB): ENOSPC now, as an OSError, if /dev/shm cannot hold it
         (never a SIGBUS on first touch). The work releases the GIL, so callers run it in
-        a worker thread, off their event loop."""
+        a worker thread, off their event loop.
+
+        ``group``: a daemon running as another user maps the arena through this group
+        (the group of its engine socket: whoever may connect may share memory with it);
+        the file is then 0660, else 0600."""
         if size <= 0:
             raise ValueError("arena size must be positive")
         path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if group is not None and group != os.getegid():
+                share_with_group(fd, group)
             os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
             # One write per page maps it (MAP_POPULATE would do it holding the GIL).
