@@ -17,5 +17,14 @@ def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
 
 
 def _report(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None:
+        name = task.get_name()
+        # Task names are "<kind>-<id>...": one line per kind and exception type per interval.
+        kind = name.split("-", 1)[0]
+        log.error(
+            "task %s failed",
+            name,
+            exc_info=exc,
+            extra={"task": name, "cause": f"{kind} {type(exc).__name__}"},
+        )

@@ -135,7 +135,11 @@ class Subscription:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         except Exception as exc:
-            log.exception("delivery of %s failed", self.request.request_id)
+            log.exception(
+                "delivery of %s to the engine failed",
+                self.request.request_id,
+                extra=transfer.log_fields(cause=f"delivery {type(exc).__name__}"),
+            )
             message = f"delivery failed: {type(exc).__name__}: {exc}"
             transfer.fail(ErrorCode.INTERNAL_ERROR, message)
             self._abort(ErrorCode.INTERNAL_ERROR, message)
@@ -158,6 +162,7 @@ class Subscription:
                 "engine did not attach its arena within %g s: %s arrives inline",
                 ATTACH_TIMEOUT_S,
                 self.request.request_id,
+                extra=transfer.log_fields(cause="arena not attached"),
             )
             return
         if arena.owner != "engine":
@@ -202,13 +207,15 @@ class Subscription:
                 conn.send(Complete(self.tid, opened.total_bytes, digest))
                 transfer.mark_delivered()
                 return
-            log.debug(
-                "delivery of %s waits: %s, %d/%d layers delivered",
-                self.request.request_id,
-                transfer.state,
-                delivered,
-                len(transfer.layers),
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "delivery of %s waits: %s, %d/%d layers delivered",
+                    self.request.request_id,
+                    transfer.state,
+                    delivered,
+                    len(transfer.layers),
+                    extra=transfer.log_fields(),
+                )
             await transfer.wait_changed()
 
     async def _deliver_layer(self, transfer: IncomingTransfer, layer: int) -> bool:

@@ -3,12 +3,16 @@ incoming transfers (the handshake is the daemon's, before any of this)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from ..aio import FramedProtocol
 from ..protocol import CAP_DEDUP, Abort, Chunk, ChunkMeta, End, ErrorCode, Frame, Open, Ping, Pong
 from .incoming import IncomingTransfer, ReceiveContext
+from .logs import transfer_fields
 from .registry import TransferRegistry
+
+log = logging.getLogger("kvship.in")
 
 
 class PeerSink:
@@ -68,12 +72,35 @@ class PeerInbox:
         if not self.accepting():
             proto.send(Abort(frame.transfer_id, ErrorCode.SHUTTING_DOWN, "draining"))
             return
+        peer = proto.conn.negotiated.peer_name
         if self.registry.arriving(frame.request_id) is not None:
             message = f"request {frame.request_id!r} is already arriving"
+            log.warning(
+                "incoming transfer from %s refused: %s",
+                peer,
+                message,
+                extra=transfer_fields(
+                    frame.transfer_id,
+                    frame.request_id,
+                    peer,
+                    direction="in",
+                    code=ErrorCode.PROTOCOL_ERROR.name,
+                    cause=f"duplicate request {peer}",
+                ),
+            )
             proto.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, message))
             return
-        transfer = IncomingTransfer(self.ctx, frame, proto.conn.negotiated.peer_name)
+        transfer = IncomingTransfer(self.ctx, frame, peer)
         self.registry.add_incoming(transfer)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "incoming transfer started: %d B in %d layers, %d stripes from %s",
+                frame.total_bytes,
+                len(frame.layers),
+                frame.n_stripes,
+                peer,
+                extra=transfer.log_fields(),
+            )
         transfer.add_stripe(proto, frame)
         if "dedup" in frame.extra and proto.conn.negotiated.capabilities & CAP_DEDUP:
             transfer.start_dedup(proto)

@@ -46,6 +46,7 @@ from ..store import StoreError
 from .budget import StagingBudget
 from .codecpool import CodecPool
 from .dedup import HeldPrefix, verify_manifest
+from .logs import transfer_fields
 from .metrics import Metrics
 from .records import TransferRecord, TransferState
 from .stores import StoreSet
@@ -119,6 +120,10 @@ class IncomingTransfer:
     @property
     def state(self) -> TransferState:
         return self.record.state
+
+    def log_fields(self, **more: object) -> dict[str, object]:
+        """``extra=`` of this transfer's log lines (ids as /v1/transfers shows them)."""
+        return transfer_fields(self.id, self.request_id, self.record.peer, direction="in", **more)
 
     # ------------------------------------------------------------ peer side
     def add_stripe(self, conn: FramedProtocol, opened: Open) -> None:
@@ -368,6 +373,15 @@ class IncomingTransfer:
         if self.held_prefix is not None:
             self.held_prefix.release()
         self.record.finish(TransferState.COMPLETE)
+        if log.isEnabledFor(logging.DEBUG):  # thousands a minute on a busy daemon
+            record = self.record
+            log.debug(
+                "incoming transfer delivered: %d B (%d from the store) in %.3f s",
+                record.total_bytes,
+                record.skipped_bytes,
+                (record.finished or time.time()) - record.started,
+                extra=self.log_fields(),
+            )
         self.ctx.on_finished(self, False)
 
     # -------------------------------------------------------------- endings
@@ -375,8 +389,15 @@ class IncomingTransfer:
         if self.state.finished:
             return
         was_open = self.state is TransferState.OPEN
+        # One line per (code, peer) per interval: a sender that goes away fails every
+        # transfer it had going at once.
+        peer = self.record.peer
         log.warning(
-            "incoming transfer %x (%s) failed: %s %s", self.id, self.request_id, code.name, message
+            "incoming transfer from %s failed: %s %s",
+            peer,
+            code.name,
+            message,
+            extra=self.log_fields(code=code.name, cause=f"{code.name} {peer}"),
         )
         if tell_sender and was_open:
             self._to_sender(Abort(self.id, int(code), message))

@@ -18,6 +18,7 @@ from aiohttp import web
 from ..addresses import join_hostport, split_hostport
 from .config import Config, ConfigError, load_config, preflight
 from .control import make_app
+from .logs import setup_logging
 from .notify import SystemdNotifier
 from .server import Daemon
 
@@ -141,16 +142,15 @@ async def serve(
 def run(
     config: Config, ready_file: str | None = None, reload: Callable[[], Config] | None = None
 ) -> int:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    repeats = setup_logging(config.log_level, config.log_format, sys.stderr)
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency
-        return asyncio.run(serve(config, ready_file, reload))
-    return uvloop.run(serve(config, ready_file, reload))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a hard dependency
+            return asyncio.run(serve(config, ready_file, reload))
+        return uvloop.run(serve(config, ready_file, reload))
+    finally:
+        repeats.close()  # the counts of repeats still held back get out before exit
 
 
 def main(argv: list[str] | None = None) -> int:

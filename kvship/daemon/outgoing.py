@@ -37,6 +37,7 @@ from ..protocol import (
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
 from .codecpool import CodecPool
 from .links import LinkPool
+from .logs import transfer_fields
 from .metrics import Metrics
 from .peers import PeerLink
 from .records import TransferRecord, TransferState
@@ -113,7 +114,21 @@ class OutgoingTransfer:
         )
 
     # ----------------------------------------------------------- engine side
+    def log_fields(self, **more: object) -> dict[str, object]:
+        """``extra=`` of this transfer's log lines (ids as /v1/transfers shows them)."""
+        return transfer_fields(
+            self.id, self.opened.request_id, self.opened.peer, direction="out", **more
+        )
+
     def start(self) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "transfer started: %d B in %d layers to %s",
+                self.opened.total_bytes,
+                len(self.opened.layers),
+                self.opened.peer,
+                extra=self.log_fields(),
+            )
         self.tasks.append(spawn(self._run(), name=f"out-{self.id:x}"))
 
     def add_chunk(self, meta: ChunkMeta, data: memoryview, release: Release) -> None:
@@ -278,6 +293,15 @@ class OutgoingTransfer:
         with contextlib.suppress(ConnectionError):  # the engine's digest covers every chunk
             self.engine.send(Complete(self.engine_tid, frame.total_bytes, self._digest()))
         self._finish(TransferState.COMPLETE)
+        if log.isEnabledFor(logging.DEBUG):  # thousands a minute on a busy daemon
+            record = self.record
+            log.debug(
+                "transfer complete: %d B (%d skipped) in %.3f s",
+                frame.total_bytes,
+                record.skipped_bytes,
+                (record.finished or time.time()) - record.started,
+                extra=self.log_fields(),
+            )
 
     def on_peer_abort(self, frame: Abort) -> None:
         code = ErrorCode(frame.code) if frame.code in set(ErrorCode) else ErrorCode.INTERNAL_ERROR
@@ -289,8 +313,14 @@ class OutgoingTransfer:
     ) -> None:
         if self.done.done():
             return
+        # One line per (code, peer) per interval: a peer that goes away fails every
+        # transfer on its link at once, and the next ones until it is back.
         log.warning(
-            "transfer %x (%s) failed: %s %s", self.id, self.opened.request_id, code.name, message
+            "transfer to %s failed: %s %s",
+            self.opened.peer,
+            code.name,
+            message,
+            extra=self.log_fields(code=code.name, cause=f"{code.name} {self.opened.peer}"),
         )
         if tell_engine:
             with contextlib.suppress(ConnectionError):

@@ -193,7 +193,12 @@ class PeerLink:
             raise
         self.metrics.connections.labels("peer_out").inc(len(self.conns))
         self._pinger = spawn(self._ping(), f"ping-{self.address}")
-        log.info("link to %s up: %d connections", self.address, len(self.conns))
+        log.info(
+            "link to %s up: %d connections",
+            self.address,
+            len(self.conns),
+            extra={"peer": self.address, "connections": len(self.conns)},
+        )
 
     async def _ping(self, every_s: float = 1.0) -> None:
         """RTT through the daemons themselves (queueing included), once a second."""
@@ -294,11 +299,19 @@ class PeerLink:
             self._on_pong(frame)
         elif isinstance(frame, GoAway):
             self.goaway = frame
-            log.warning("peer %s sent GOAWAY %s: %s", self.address, frame.code, frame.message)
+            code = _code_name(frame.code)
+            log.warning(
+                "peer %s sent GOAWAY %s: %s",
+                self.address,
+                code,
+                frame.message,
+                extra={"peer": self.address, "code": code, "cause": f"GOAWAY {self.address}"},
+            )
 
     def _on_close(self, conn: FramedProtocol, error: BaseException | None) -> None:
         self.metrics.connections.labels("peer_out").dec()
-        if not self.dead:
+        lost = not self.dead  # the first of its connections to close, not by close()
+        if lost:
             self.dead = True
             self.scheduler.close()
             if self._pinger is not None:
@@ -312,6 +325,18 @@ class PeerLink:
         else:
             why = str(error) if error else ""
         reason = f"connection to {self.address} lost" + (f": {why}" if why else "")
+        if lost:
+            log.warning(
+                "link to %s lost%s (%d transfers on it)",
+                self.address,
+                f": {why}" if why else "",
+                len(self.transfers),
+                extra={
+                    "peer": self.address,
+                    "transfers": len(self.transfers),
+                    "cause": f"link lost {self.address}",
+                },
+            )
         for transfer in list(self.transfers.values()):
             transfer.fail(ErrorCode.PEER_UNREACHABLE, reason, tell_peer=False)
 
