@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from conftest import running_pair
+from conftest import good_transfer, running_pair
 from kvship import Client
 from kvship.aio.lag import LoopLag
 from kvship.bench.spawn import DaemonProcess
@@ -135,3 +135,41 @@ async def test_the_engine_loop_never_stalls_while_a_big_receive_arena_is_made(
         lag.stop()
     assert all(np.array_equal(g, w) for g, w in zip(got, layers, strict=True))
     assert lag.worst_s < LAG_BOUND_S, f"the engine's loop stalled {lag.worst_s:.3f} s"
+
+
+async def test_a_layer_above_the_receivers_staging_is_refused_at_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A layer larger than the receiving daemon could ever hold used to stall the transfer
+    until the engine gave up; now the OPEN is refused (TRANSFER_TOO_LARGE), naming the
+    setting, and the daemon serves the next transfer."""
+    from kvship.errors import TransferError
+    from kvship.protocol import ErrorCode
+
+    args = ["--window-bytes", str(1 << 20), "--staging-bytes", str(1 << 20)]
+    with running_pair(tmp_path_factory.mktemp("small-staging"), args) as (a, b):
+        async with Client(a.socket_path, chunk_bytes=1 << 20) as sending:
+            big = [np.zeros(2 << 20, np.uint8)]
+            with pytest.raises(TransferError) as info:
+                async with sending.send("too-big", layout_of(big), peer=b.peer) as sender:
+                    await sender.put(0, big[0])
+                    await sender.finish(timeout=30)
+            assert info.value.code == ErrorCode.TRANSFER_TOO_LARGE
+            assert "staging_bytes" in str(info.value)
+        await good_transfer(a, b, n_layers=2, layer_bytes=512 << 10)
+
+
+async def test_the_decode_engine_sees_the_senders_priority(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    a, b = pair
+    layers = [np.ones(4096, np.uint8)]
+    async with Client(a.socket_path) as sending, Client(b.socket_path) as receiving:
+        async with sending.send(
+            "prio", layout_of(layers), peer=b.peer, priority="latency"
+        ) as sender:
+            await sender.put(0, layers[0])
+            await sender.finish(timeout=10)
+        async with receiving.receive("prio", timeout=10) as receiver:
+            await receiver.all()
+            assert receiver.priority == 1

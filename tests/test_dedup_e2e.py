@@ -20,7 +20,7 @@ from kvship.layout import layout_of
 from kvship.layout.dedup import Manifest
 from kvship.layout.model import FullAttention, LinearState, ModelLayout
 from kvship.layout.prefix import block_keys
-from kvship.protocol import ErrorCode
+from kvship.protocol import ErrorCode, chunk_checksum, digest_of_checksums
 
 # A small hybrid: 3 full-attention layers (8 KiB blocks of 16 tokens) and 1 linear state.
 MODEL = ModelLayout(
@@ -87,8 +87,19 @@ async def ship(a: DaemonProcess, b: DaemonProcess, rid: str, tokens: np.ndarray)
 
 
 async def _receive(client: Client, rid: str) -> list[np.ndarray]:
+    """Receive every layer, and check the engine's digest as SPEC §8 defines it: over the
+    checksums of the bytes delivered, chunk by chunk — chunks the far daemon filled in from
+    its store included (it used to send the peer link's digest, with 0 for those)."""
     receiver = await client.receive(rid, timeout=30)
-    return await receiver.all()
+    layers = await receiver.all()
+    size = receiver.chunk_bytes
+    checksums = [
+        chunk_checksum(raw[offset : offset + size])
+        for raw in (np.ascontiguousarray(layer).view(np.uint8).reshape(-1) for layer in layers)
+        for offset in range(0, raw.nbytes, size)
+    ]
+    assert receiver.digest == digest_of_checksums(checksums), f"{rid}: engine digest"
+    return layers
 
 
 async def test_ninety_percent_shared_prefix_sends_about_ten_percent(
@@ -268,3 +279,60 @@ async def test_lookups_naming_other_models_never_evict_held_kv(
             assert _post_json(b, path, body)["cached_tokens"] == 0
     assert _post_json(b, "/v1/lookup", held)["cached_tokens"] == 640
     assert b.metric("kvship_store_bytes") == stored
+
+
+async def test_a_have_beyond_the_manifest_aborts_the_transfer(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A receiver that answers HAVE with more blocks than the manifest has keys would make
+    the sender skip the partial tail block no key covers: the sender aborts the transfer
+    with PROTOCOL_ERROR instead (SPEC §7.6)."""
+    import struct
+
+    from conftest import MAGIC, parse_frames
+    from kvship.protocol import CAP_CODECS, CAP_DEDUP, CAP_STRIPING, FrameType, Have, HelloAck
+
+    async def lying_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        acked = False
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    return
+                data += chunk
+                if not acked and len(data) >= len(MAGIC):
+                    data = data[len(MAGIC) :]
+                frames, data = parse_frames(data)
+                for ftype, body in frames:
+                    if ftype == FrameType.HELLO and not acked:
+                        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP
+                        ack = HelloAck(1, caps, 8 << 20, (8 << 20) + 64, 4 << 20, 64, "liar")
+                        writer.write(ack.encode())
+                        acked = True
+                    elif ftype == FrameType.OPEN:
+                        (tid,) = struct.unpack_from(">Q", body)
+                        writer.write(Have(tid, 1_000_000, False).encode())
+
+    import contextlib
+
+    server = await asyncio.start_server(lying_receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tokens = np.random.default_rng(11).integers(0, 50000, 100, dtype=np.uint32)
+    layers = kv_for(tokens)
+    try:
+        with running_pair(tmp_path_factory.mktemp("liar")) as (a, _b):
+            async with Client(a.socket_path, chunk_bytes=2 * BLOCK) as client:
+                with pytest.raises(TransferError) as info:
+                    async with client.send(
+                        "liar", layout_of(layers), peer=f"127.0.0.1:{port}",
+                        token_ids=tokens.tolist(), model=MODEL,
+                    ) as sender:  # fmt: skip
+                        for i, layer in enumerate(layers):
+                            await sender.put(i, layer)
+                        await sender.finish(timeout=30)
+            assert info.value.code == ErrorCode.PROTOCOL_ERROR, info.value
+            assert "HAVE" in str(info.value)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -54,6 +54,7 @@ class Receiver:
         self.request_id = opened.request_id
         self.layout = opened.layers
         self.token_ids = opened.token_ids
+        self.priority = opened.priority  # the sending engine's (0 bulk, 1 latency)
         self.chunk_bytes = opened.chunk_size
         self.timeout = timeout
         self.digest: int | None = None

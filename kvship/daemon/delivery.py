@@ -120,11 +120,10 @@ class Subscription:
     async def run(self) -> None:
         timeout = self.request.timeout_ms / 1000 or self._default_timeout_s
         transfer = await self._claim(self.request.request_id, self, timeout)
-        if transfer is None:
-            self._abort(
-                ErrorCode.NOT_FOUND,
-                f"no transfer of {self.request.request_id!r} within {timeout:g} s",
-            )
+        if transfer is None:  # transfer id 0: this delivery never opened (SPEC §9.3)
+            message = f"no transfer of {self.request.request_id!r} within {timeout:g} s"
+            if self.conn.is_open:
+                self.conn.send(Abort(0, int(ErrorCode.NOT_FOUND), message))
             return
         self.transfer = transfer
         try:
@@ -178,6 +177,7 @@ class Subscription:
                 opened.layers,
                 opened.chunk_size,
                 opened.token_ids,
+                priority=opened.priority,
                 extra=opened.extra,
             )
         )
@@ -202,7 +202,7 @@ class Subscription:
             if transfer.state is TransferState.RECEIVED and delivered == len(transfer.layers):
                 # END closes the transfer in the engine's connection state (the connection
                 # is reused), COMPLETE says it all arrived verified.
-                digest = transfer.digest.value()
+                digest = transfer.delivery_digest()
                 conn.send(End(self.tid, self.inline_chunks, digest))
                 conn.send(Complete(self.tid, opened.total_bytes, digest))
                 transfer.mark_delivered()

@@ -90,6 +90,28 @@ class PeerInbox:
             )
             proto.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, message))
             return
+        limit = self.ctx.budget.limit
+        big = next((i for i, spec in enumerate(frame.layers) if spec.nbytes > limit), None)
+        if big is not None:  # it could never be held whole: refuse now, not stall later
+            message = (
+                f"layer {big} is {frame.layers[big].nbytes} B, above this daemon's "
+                f"staging_bytes ({limit} B): raise staging_bytes on the receiving daemon"
+            )
+            log.warning(
+                "incoming transfer from %s refused: %s",
+                peer,
+                message,
+                extra=transfer_fields(
+                    frame.transfer_id,
+                    frame.request_id,
+                    peer,
+                    direction="in",
+                    code=ErrorCode.TRANSFER_TOO_LARGE.name,
+                    cause=f"too large {peer}",
+                ),
+            )
+            proto.send(Abort(frame.transfer_id, ErrorCode.TRANSFER_TOO_LARGE, message))
+            return
         transfer = IncomingTransfer(self.ctx, frame, peer)
         self.registry.add_incoming(transfer)
         if log.isEnabledFor(logging.DEBUG):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from ..protocol import (
     TransferDigest,
     chunk_checksum,
     chunk_table,
+    digest_of_checksums,
 )
 from ..store import StoreError
 from .budget import StagingBudget
@@ -92,6 +94,10 @@ class IncomingTransfer:
         self.stripe_conns: dict[int, FramedProtocol] = {}
         self.ends: dict[int, End] = {}
         self.digest = TransferDigest(opened.n_chunks)
+        # Each chunk's checksum as delivered: the wire's, and for chunks filled in from the
+        # block store (dedup) the checksum of the filled bytes, so the engine's digest
+        # covers what it got (SPEC §8), never the peer link's 0 slots.
+        self.checksums = array("Q", bytes(8 * opened.n_chunks))
         self.pending = [self.starts[i + 1] - self.starts[i] for i in range(len(self.layers))]
         # The arena region reserved for each layer in the claiming engine's arena. Chunks
         # that arrive before a region could be reserved wait in daemon memory (``held``) and
@@ -250,6 +256,7 @@ class IncomingTransfer:
         metrics = self.ctx.metrics
         self.last_activity = time.monotonic()
         self.digest.add(meta.chunk_index, meta.checksum)
+        self.checksums[meta.chunk_index] = meta.checksum
         if in_arena:
             conn.grant(wire)
         else:
@@ -349,8 +356,18 @@ class IncomingTransfer:
     async def fill_from_store(self, layer: int, view: memoryview) -> None:
         """Dedup: put the stored prefix into the layer's buffer, and keep its new blocks
         for the next request with this prefix."""
-        if self.held_prefix is not None:
-            await self.held_prefix.restore(layer, view)
+        held = self.held_prefix
+        if held is None:
+            return
+        await held.restore(layer, view)
+        size, first, nbytes = self.opened.chunk_size, self.starts[layer], len(view)
+        for index in held.skip.get(layer, ()):
+            offset = (index - first) * size
+            self.checksums[index] = chunk_checksum(view[offset : min(offset + size, nbytes)])
+
+    def delivery_digest(self) -> int:
+        """The digest the engine gets: over every chunk's checksum as delivered."""
+        return digest_of_checksums(list(self.checksums))
 
     def layer_delivered(self, layer: int) -> None:
         """The engine has ``layer``: its daemon-memory chunks are freed."""

@@ -187,6 +187,12 @@ class OutgoingTransfer:
         except (DedupError, TimeoutError):
             return  # no dedup: everything travels
         self.ctx.metrics.have_rtt_seconds.observe(time.monotonic() - asked)
+        if have.blocks > len(plan.keys):
+            self.fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"HAVE says {have.blocks} blocks held, the manifest has {len(plan.keys)} keys",
+            )
+            return
         skip = skipped_chunks(
             plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks, have.states
         )
