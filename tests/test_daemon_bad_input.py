@@ -289,10 +289,11 @@ async def test_chunk_beyond_credit_is_flow_control(tmp_path: Path) -> None:
             assert ack is not None
             assert ack.initial_window == WINDOW and ack.max_chunk == size
             return [
-                open_frame(tid, f"flow-{tid:x}", [3 * size], size),
+                # Three one-chunk layers (a layer above staging_bytes is refused at OPEN).
+                open_frame(tid, f"flow-{tid:x}", [size, size, size], size),
                 chunk_frame(tid, 0, 0, 0, bytes(size)),  # credited back
-                chunk_frame(tid, 1, 0, size, bytes(size)),  # credit withheld
-                chunk_frame(tid, 2, 0, 2 * size, bytes(size))[: 8 + 40],  # beyond the window
+                chunk_frame(tid, 1, 1, 0, bytes(size)),  # credit withheld
+                chunk_frame(tid, 2, 2, 0, bytes(size))[: 8 + 40],  # beyond the window
             ]
 
         case = Refused(ErrorCode.FLOW_CONTROL, True, overrun)
