@@ -313,3 +313,41 @@ async def test_a_delivery_that_breaks_aborts_and_finishes_its_transfer(codecs: C
     assert "engine buffer gone" in engine.sent[-1].message
     assert transfer.state is TransferState.FAILED and not registry.incoming
     assert transfer.ctx.budget.staged == 0
+
+
+async def test_a_chunk_declared_held_fails_only_its_transfer(codecs: CodecPool) -> None:
+    """A sender that gave up waiting for HAVE sends every chunk; if the receiver's HAVE
+    then declared some held, such a chunk fails that transfer (PROTOCOL_ERROR), not the
+    connection it came on (it used to hit "arrived twice" and take the connection down)."""
+    from kvship.layout.dedup import Manifest
+    from kvship.layout.prefix import block_keys
+    from kvship.protocol import Have
+
+    model = ModelLayout("held", "org/held", (FullAttention(4, 1, 2),))
+    bb = model.layers[0].block_bytes  # type: ignore[union-attr]
+    tokens = tuple(range(16))  # 4 full blocks
+    keys = block_keys(tokens, model)
+    registry = TransferRegistry(Metrics())
+    ctx = context(registry, codecs)
+    store = ctx.stores.for_transfer(model, 0)
+    for key in keys[:2]:
+        store.put(key, 0, b"\1" * bb)
+    layers = (LayerSpec("uint8", (4 * bb,), 4 * bb),)
+    extra = {"dedup": Manifest(model, 0, tuple(keys)).to_extra()}
+    frame = Open(9, "held", layers, bb, tokens, extra=extra)
+    transfer = IncomingTransfer(ctx, frame, "prefill")
+    registry.add_incoming(transfer)
+    peer = PeerStandIn()
+    transfer.add_stripe(peer, frame)
+    transfer.start_dedup(peer)
+    for _ in range(200):  # the manifest is checked in a worker thread
+        if any(isinstance(f, Have) for f in peer.sent):
+            break
+        await asyncio.sleep(0.01)
+    have = next(f for f in peer.sent if isinstance(f, Have))
+    assert have.blocks == 2
+    data = b"\1" * bb
+    transfer.on_chunk(peer, Chunk(ChunkMeta(9, 0, 0, 0, bb, chunk_checksum(data)), data), False)
+    assert transfer.state is TransferState.FAILED and peer.failed is None
+    assert transfer.error[0] is ErrorCode.PROTOCOL_ERROR  # type: ignore[index]
+    assert not store.pinned  # the held prefix was released

@@ -336,3 +336,27 @@ async def test_a_have_beyond_the_manifest_aborts_the_transfer(
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("tp_rank", [-1, "2", True, 1.5], ids=["negative", "str", "bool", "float"])
+async def test_a_manifest_with_a_bad_tp_rank_is_refused(
+    pair: tuple[DaemonProcess, ...], tp_rank: object
+) -> None:
+    """SPEC §7.6.1: tp_rank is an integer >= 0. Anything else used to kill the receiver's
+    dedup task (a negative one) or be coerced (a string, a bool): now ABORT LAYOUT_MISMATCH."""
+    a, b = pair
+    tokens = np.random.default_rng(12).integers(0, 50000, 64, dtype=np.uint32)
+    layers = kv_for(tokens)
+    extra = Manifest(MODEL, 0, tuple(block_keys(tokens, MODEL))).to_extra()
+    extra["tp_rank"] = tp_rank
+    async with Client(a.socket_path, chunk_bytes=2 * BLOCK) as client:
+        conn = await client._connect("send", client.arena_bytes)
+        sender = Sender(
+            conn, f"tp-{tp_rank!r}", layout_of(layers), b.peer, tokens.tolist(), 2 * BLOCK, 0,
+            extra={"dedup": extra}, chunk_multiple=BLOCK,
+        )  # fmt: skip
+        with pytest.raises(TransferError) as info:
+            for i, layer in enumerate(layers):
+                await sender.put(i, layer)
+            await sender.finish(timeout=30)
+    assert info.value.code == ErrorCode.LAYOUT_MISMATCH, info.value

@@ -107,6 +107,7 @@ class IncomingTransfer:
         self.decoding = 0  # coded chunks being decoded in the codec pool
         self.negotiating = False  # the dedup manifest is being checked (worker thread)
         self.held_prefix: HeldPrefix | None = None  # what dedup supplies from the store
+        self._skipped: set[int] = set()  # chunk indices HAVE declared held
         self.ready: deque[int] = deque(i for i, n in enumerate(self.pending) if n == 0)
         self.destination_of: Destination | None = None
         self.error: tuple[ErrorCode, str] | None = None
@@ -138,6 +139,8 @@ class IncomingTransfer:
             and opened.layers == self.layers
             and opened.chunk_size == self.opened.chunk_size
             and opened.n_stripes == self.n_stripes
+            and opened.token_ids == self.opened.token_ids
+            and opened.extra == self.opened.extra
         )
         if not same:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "stripes of one transfer disagree")
@@ -166,6 +169,10 @@ class IncomingTransfer:
         except (DedupError, StoreError) as exc:
             self.fail(ErrorCode.LAYOUT_MISMATCH, f"dedup manifest refused: {exc}")
             return
+        except Exception as exc:  # a bug: the sender must hear of it, not wait for HAVE
+            log.exception("dedup negotiation of %x failed", self.id)
+            self.fail(ErrorCode.INTERNAL_ERROR, f"dedup negotiation failed: {exc!r}")
+            return
         finally:
             self.negotiating = False
         if self.state is not TransferState.OPEN:
@@ -178,6 +185,7 @@ class IncomingTransfer:
             self._maybe_received()
             return
         self.held_prefix = held
+        self._skipped = {index for chunks in held.skip.values() for index in chunks}
         for layer, chunks in held.skip.items():
             for index in chunks:
                 self.digest.add(index, 0)
@@ -206,7 +214,8 @@ class IncomingTransfer:
 
     def sink(self, meta: ChunkMeta, wire_length: int) -> tuple[memoryview, bool]:
         """Where a chunk's wire bytes land: raw ones at their destination, coded ones in a
-        scratch buffer they are decoded from."""
+        scratch buffer they are decoded from. (buffer, in_arena) is what the peer
+        connection's payload sink returns; ``in_arena`` comes back as the chunk's tag."""
         if meta.codec != CODEC_RAW:
             return memoryview(bytearray(wire_length)), False
         return self.destination(meta)
@@ -215,6 +224,13 @@ class IncomingTransfer:
         meta, data = chunk.meta, chunk.view
         if self.state is not TransferState.OPEN:  # failed: bytes are read and dropped
             conn.grant(len(data))
+            return
+        if meta.chunk_index in self._skipped:  # HAVE said it is held: a sender that gave up
+            conn.grant(len(data))  # waiting sends it anyway; only this transfer is wrong
+            self.fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"chunk {meta.chunk_index} arrived though HAVE declared it held (SPEC §7.6.5)",
+            )
             return
         if meta.codec != CODEC_RAW:
             self.decoding += 1

@@ -39,7 +39,9 @@ class Manifest:
             raise DedupError("dedup: not an object")
         try:
             layout = ModelLayout.from_dict(extra["model"])
-            tp_rank = int(extra.get("tp_rank", 0))
+            tp_rank = extra.get("tp_rank", 0)
+            if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or tp_rank < 0:
+                raise ValueError(f"tp_rank must be an integer >= 0, got {tp_rank!r}")
             keys = tuple(bytes.fromhex(k) for k in extra["keys"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DedupError(f"dedup manifest: {exc}") from exc

@@ -14,6 +14,7 @@ import contextlib
 import mmap
 import os
 import secrets
+import stat
 from collections import deque
 
 import numpy as np
@@ -78,7 +79,10 @@ class Arena:
             raise ValueError(f"arena path {path!r} is not a kvship file under {SHM_DIR}")
         fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
         try:
-            actual = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"arena {path!r} is not a regular file")
+            actual = st.st_size
             if actual != size or size <= 0:
                 raise ValueError(f"arena {path!r} is {actual} B, announced {size} B")
             mm = mmap.mmap(fd, size)
