@@ -10,6 +10,7 @@ from kvship.protocol import (
     Chunk,
     ChunkMeta,
     ErrorCode,
+    ReceivedChunk,
 )
 from test_protocol_connection import chunk, expect_error, layout, pair
 
@@ -23,7 +24,7 @@ def test_coded_chunk_passes_when_negotiated() -> None:
     client, server = pair(offer=CAP_STRIPING | CAP_CODECS)
     server.receive_data(client.send(layout(8, tid=1)))
     events = server.receive_data(coded(1, b"xyz", 8, CODEC_ZSTD))
-    assert [type(e) for e in events] == [Chunk]
+    assert [type(e) for e in events] == [ReceivedChunk]
     assert events[0].meta.codec == CODEC_ZSTD and bytes(events[0].data) == b"xyz"
 
 

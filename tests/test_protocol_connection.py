@@ -1,7 +1,8 @@
 """The sans-IO connection state machine: handshake, limits, transfers, credit, extensibility.
 
-Every violation must raise ProtocolError with its specific code and leave ``closed`` True,
-so the IO layer can send ``goaway_for(error)`` and drop just that connection.
+Every violation by the peer must raise ProtocolError with its specific code and leave
+``closed`` True, so the IO layer can send ``close(error)``'s GOAWAY and drop just that
+connection. (What this side may not send: test_protocol_send.py.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from kvship.protocol import (
     Open,
     Ping,
     ProtocolError,
+    ReceivedChunk,
+    Role,
+    ShmAttach,
     ShmChunk,
     State,
     TransferDigest,
@@ -62,6 +66,18 @@ def pair(
     assert [type(e) for e in events] == [HelloAck]
     assert client.state is server.state is State.OPEN
     return client, server
+
+
+def engine_pair(
+    limits: Limits | None = None, *, offer: int = CAP_SHM, support: int = KNOWN_CAPS
+) -> tuple[Connection, Connection]:
+    """An (engine, daemon) pair after a completed handshake."""
+    engine = Connection(role=Role.ENGINE)
+    daemon = Connection(role=Role.DAEMON, limits=limits)
+    daemon.receive_data(engine.initiate(Hello(ROLE_ENGINE, "engine", capabilities=offer)))
+    engine.receive_data(daemon.accept("daemon", support))
+    assert engine.state is daemon.state is State.OPEN
+    return engine, daemon
 
 
 def expect_error(conn: Connection, data: bytes, code: ErrorCode) -> ProtocolError:
@@ -161,11 +177,15 @@ def test_frames_out_of_order() -> None:
     client = Connection(initiator=True)
     client.initiate(Hello(ROLE_PEER))
     expect_error(client, Hello(ROLE_PEER).encode(), ErrorCode.PROTOCOL_ERROR)
-    # the initiator sends nothing before HELLO_ACK, so a frame while accepting is an error
+    # the initiator sends nothing but PING before HELLO_ACK: anything else while accepting
+    # is an error; a PING is taken (and answered once accepted)
     server = Connection(initiator=False)
     expect_error(
-        server, MAGIC + Hello(ROLE_PEER).encode() + Ping(1).encode(), ErrorCode.PROTOCOL_ERROR
+        server, MAGIC + Hello(ROLE_PEER).encode() + layout(8).encode(), ErrorCode.PROTOCOL_ERROR
     )
+    server = Connection(initiator=False)
+    events = server.receive_data(MAGIC + Hello(ROLE_PEER).encode() + Ping(1).encode())
+    assert events == [Hello(ROLE_PEER), Ping(1)] and server.state is State.AWAIT_ACCEPT
     client, server = pair()
     expect_error(server, Hello(ROLE_PEER).encode(), ErrorCode.PROTOCOL_ERROR)
     expect_error(client, HelloAck(1, 0, 1, 2048, 1, 1).encode(), ErrorCode.PROTOCOL_ERROR)
@@ -323,16 +343,17 @@ def test_striped_transfer_counts_per_connection() -> None:
 
 
 def test_shm_chunk_counts_but_takes_no_credit() -> None:
-    _, server = pair(SMALL)
-    server.receive_data(layout(8, 4).encode())
+    _, daemon = engine_pair(SMALL)
+    attach = ShmAttach(1 << 20, "/dev/shm/x").encode()
+    daemon.receive_data(attach + layout(8, 4, peer="b:1").encode())
     frames = [ShmChunk(ChunkMeta(1, 0, 0, 0, 8, 0), 0), ShmChunk(ChunkMeta(1, 1, 1, 0, 4, 0), 8)]
-    events = server.receive_data(b"".join(f.encode() for f in frames) + End(1, 2, 0).encode())
+    events = daemon.receive_data(b"".join(f.encode() for f in frames) + End(1, 2, 0).encode())
     assert events[:2] == frames
-    assert server.recv_window == SMALL.initial_window
-    _, server = pair(SMALL)
-    server.receive_data(layout(8).encode())
+    assert daemon.recv_window == SMALL.initial_window
+    _, daemon = engine_pair(SMALL)
+    daemon.receive_data(attach + layout(8, peer="b:1").encode())
     bad = ShmChunk(ChunkMeta(1, 0, 0, 4, 8, 0), 0)
-    expect_error(server, bad.encode(), ErrorCode.LAYOUT_MISMATCH)
+    expect_error(daemon, bad.encode(), ErrorCode.LAYOUT_MISMATCH)
 
 
 # --------------------------------------------------------------------- flow control
@@ -360,7 +381,7 @@ def test_credit_restores_the_window() -> None:
     assert client.receive_data(credit) == [Credit(40)]
     assert client.send_credit == 40
     more = client.chunk_header(ChunkMeta(1, 2, 0, 64, 32, 0), 32) + bytes(32)
-    assert [type(e) for e in server.receive_data(more)] == [Chunk]
+    assert [type(e) for e in server.receive_data(more)] == [ReceivedChunk]
     assert server.recv_window == 8
 
 
@@ -451,10 +472,10 @@ def test_payload_sink_receives_chunk_bytes_in_place() -> None:
     arena = bytearray(64)
     calls: list[tuple[ChunkMeta, int]] = []
 
-    def sink(meta: ChunkMeta, wire_length: int) -> memoryview:
+    def sink(meta: ChunkMeta, wire_length: int) -> tuple[memoryview, object]:
         calls.append((meta, wire_length))
         start = 16 * meta.chunk_index
-        return memoryview(arena)[start : start + wire_length]
+        return memoryview(arena)[start : start + wire_length], ("arena", start)
 
     client = Connection(initiator=True)
     server = Connection(initiator=False, payload_sink=sink)
@@ -469,6 +490,16 @@ def test_payload_sink_receives_chunk_bytes_in_place() -> None:
     assert [len(c.data) for c in chunks] == [16, 16, 3]
     assert all(isinstance(c.data, memoryview) and c.data.obj is arena for c in chunks)
     assert [(m.chunk_index, n) for m, n in calls] == [(0, 16), (1, 16), (2, 3)]
+    # the sink's tag comes back on each chunk event: where its bytes landed
+    assert [c.tag for c in chunks] == [("arena", 0), ("arena", 16), ("arena", 32)]
+    assert all(c == Chunk(c.meta, bytes(c.data)) for c in chunks)  # the tag is not a field
+
+
+def test_default_sink_tags_nothing() -> None:
+    _, server = pair()
+    events = server.receive_data(layout(8).encode() + chunk(1, 0, 0, 0, b"12345678"))
+    assert isinstance(events[1], ReceivedChunk) and events[1].tag is None
+    assert Chunk(events[1].meta, b"12345678").tag is None
 
 
 def test_zero_copy_read_buffer_path() -> None:
@@ -482,12 +513,14 @@ def test_zero_copy_read_buffer_path() -> None:
         buf[:n] = stream[pos : pos + n]
         pos += n
         events.extend(server.buffer_updated(n))
-    assert [type(e).__name__ for e in events] == ["Open", "Chunk", "Ping"]
+    assert [type(e).__name__ for e in events] == ["Open", "ReceivedChunk", "Ping"]
     assert bytes(events[1].data) == b"12345678"
 
 
 def test_payload_sink_of_wrong_size_is_a_bug() -> None:
-    server = Connection(initiator=False, payload_sink=lambda meta, n: memoryview(bytearray(n + 1)))
+    server = Connection(
+        initiator=False, payload_sink=lambda meta, n: (memoryview(bytearray(n + 1)), None)
+    )
     server.receive_data(MAGIC + Hello(ROLE_PEER).encode())
     server.accept()
     server.receive_data(layout(8).encode())

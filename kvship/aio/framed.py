@@ -27,6 +27,7 @@ from ..protocol import (
     Hello,
     HelloAck,
     ProtocolError,
+    Role,
 )
 
 log = logging.getLogger("kvship.wire")
@@ -120,6 +121,8 @@ class FramedProtocol(asyncio.BufferedProtocol):
         except Exception as exc:
             log.exception("handler failed on %s from %s", type(frame).__name__, self.peername)
             self.fail(ProtocolError(ErrorCode.INTERNAL_ERROR, f"handler failed: {exc!r}"))
+        if isinstance(frame, GoAway):
+            self.close()  # SPEC §5.10: the receiver closes on receipt (the core is CLOSED)
 
     def eof_received(self) -> bool:
         try:
@@ -211,11 +214,12 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if self.on_error is not None:
             self.on_error(error)
         log.warning("closing connection %s: %s", self.peername, error)
+        goaway = self.conn.close(error)  # CLOSED from now on; b"" if a GOAWAY went out
         if self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(Exception):
-                self.transport.write(self.conn.goaway_for(error))
+            if goaway:
+                with contextlib.suppress(Exception):
+                    self.transport.write(goaway)
             self.transport.close()
-        self.conn.state = self.conn.state.CLOSED
 
     def close(self) -> None:
         if self.transport is not None:
@@ -237,7 +241,7 @@ async def open_connection(
 ) -> FramedProtocol:
     """Connect to ``host:port``, ``[v6]:port`` or a Unix socket path, and shake hands."""
     loop = asyncio.get_running_loop()
-    conn = Connection(initiator=True)
+    conn = Connection(role=Role.of_hello(hello.role, True), initiator=True)
 
     def factory() -> FramedProtocol:
         return FramedProtocol(conn, on_frame, on_close)

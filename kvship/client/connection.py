@@ -202,10 +202,12 @@ class EngineConnection:
                 self.proto.grant(nbytes)
 
     # ----------------------------------------------------------- receiving
-    def _sink(self, meta: ChunkMeta, nbytes: int) -> memoryview:
+    def _sink(self, meta: ChunkMeta, nbytes: int) -> tuple[memoryview, object]:
+        """The connection's payload sink: the consumer's buffer (no tag: the Receiver
+        tracks where its chunks landed itself), else a spare one."""
         if self.sink is not None:
-            return self.sink(meta, nbytes)
-        return memoryview(bytearray(nbytes))
+            return self.sink(meta, nbytes), None
+        return memoryview(bytearray(nbytes)), None
 
     def _on_frame(self, proto: FramedProtocol, frame: Frame) -> None:
         if isinstance(frame, HelloAck):

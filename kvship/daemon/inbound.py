@@ -16,19 +16,18 @@ log = logging.getLogger("kvship.in")
 
 
 class PeerSink:
-    """Payload sink of one peer connection; remembers whether the last chunk hit an arena."""
+    """Payload sink of one peer connection: a chunk's bytes land where its transfer puts
+    them, and the tag (``chunk.tag`` on the CHUNK event) says whether that is an engine's
+    arena (True) or daemon memory (False)."""
 
     def __init__(self, registry: TransferRegistry) -> None:
         self.registry = registry
-        self.in_arena = False
 
-    def __call__(self, meta: ChunkMeta, nbytes: int) -> memoryview:
+    def __call__(self, meta: ChunkMeta, nbytes: int) -> tuple[memoryview, bool]:
         transfer = self.registry.incoming.get(meta.transfer_id)
         if transfer is None:  # aborted meanwhile: read the bytes and drop them
-            self.in_arena = False
-            return memoryview(bytearray(nbytes))
-        buf, self.in_arena = transfer.sink(meta, nbytes)
-        return buf
+            return memoryview(bytearray(nbytes)), False
+        return transfer.sink(meta, nbytes)
 
 
 class PeerInbox:
@@ -49,8 +48,7 @@ class PeerInbox:
             if transfer is None:
                 proto.grant(len(frame.data))
             else:
-                sink = proto.conn.payload_sink
-                transfer.on_chunk(proto, frame, isinstance(sink, PeerSink) and sink.in_arena)
+                transfer.on_chunk(proto, frame, frame.tag is True)
         elif isinstance(frame, Open):
             self._on_open(proto, frame)
         elif isinstance(frame, End):

@@ -35,6 +35,7 @@ from ..protocol import (
     Limits,
     Open,
     ProtocolError,
+    Role,
 )
 from .budget import StagingBudget
 from .codecpool import CodecPool
@@ -178,7 +179,9 @@ class Daemon:
     def _accept(self, kind: str) -> FramedProtocol:
         if kind == "peer":
             inbox = self.inbox
-            conn = Connection(initiator=False, limits=self.limits, payload_sink=inbox.sink())
+            conn = Connection(
+                role=Role.PEER, initiator=False, limits=self.limits, payload_sink=inbox.sink()
+            )
 
             def on_peer_frame(proto: FramedProtocol, frame: Frame) -> None:
                 if isinstance(frame, Hello):
@@ -211,7 +214,7 @@ class Daemon:
                 self._closed(proto, kind)
                 session.on_close(proto, error)
 
-            conn = Connection(initiator=False, limits=self.limits)
+            conn = Connection(role=Role.DAEMON, limits=self.limits)
             proto = FramedProtocol(conn, on_engine_frame, on_engine_close, self._count_error)
         self.connections.add(proto)
         self.metrics.connections.labels(kind).inc()

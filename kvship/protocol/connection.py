@@ -4,56 +4,85 @@ No sockets, no asyncio, no threads: the IO layer feeds bytes with :meth:`receive
 or, for zero-copy receives, asks :meth:`read_buffer` where the next bytes should land
 and reports them with :meth:`buffer_updated`. A CHUNK's data lands in whatever buffer
 the ``payload_sink`` callback hands out (an arena slot, say), so a chunk crosses user
-space without being copied by the protocol layer.
+space without being copied by the protocol layer; the sink's ``tag`` for that buffer
+comes back on the chunk event (:attr:`~.frames.Chunk.tag`).
 
-The machine enforces everything a peer could get wrong: preface, version negotiation,
-frame-size limits, frame order, transfer bookkeeping per stripe, chunk geometry and
-flow-control credit. Any violation raises :class:`ProtocolError` and the connection is
-dead from then on (``closed`` is True); :meth:`goaway_for` gives the bytes to send.
+The machine checks both directions, like h11:
+
+* what the peer sends: preface, version negotiation, frame-size limits, frame order
+  (:data:`~.states.TRANSITIONS`), who may send which frame (:data:`~.roles.MAY_SEND`),
+  transfer bookkeeping per stripe, chunk geometry and flow-control credit. A violation
+  raises :class:`ProtocolError`; the connection is dead from then on (``closed``), and
+  :meth:`close` gives the GOAWAY to send.
+* what this side sends (:meth:`send`, :meth:`chunk_header`, :meth:`grant`, ...): the same
+  rules. A frame this side may not send now raises :class:`LocalProtocolError` (with the
+  code the peer would answer) before anything changes; the connection goes on.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum, auto
 
-from .errors import ErrorCode, ProtocolError
-from .frames import (
-    CAP_CODECS,
+from .constants import (
+    AUTH_NONE,
+    CAP_SHM,
     CAP_STRIPING,
-    CODEC_RAW,
-    DECODERS,
-    FLAG_IGNORABLE,
     HANDSHAKE_MAX_BODY,
     HEADER,
     HEADER_SIZE,
     KNOWN_CAPS,
-    KNOWN_CODECS,
     MAGIC,
+    MAX_CHUNKS,
     MAX_WINDOW,
     MIN_VERSION,
     PROTOCOL_VERSION,
+    FrameType,
+    frame_name,
+)
+from .errors import ErrorCode, LocalProtocolError, ProtocolError
+from .frames import (
+    DECODERS,
+    FLAG_IGNORABLE,
     Abort,
     Chunk,
     ChunkMeta,
+    Complete,
     Credit,
     End,
     Frame,
-    FrameType,
     GoAway,
     Hello,
     HelloAck,
+    LayerReady,
     Open,
+    Ping,
+    ReceivedChunk,
+    Release,
+    ShmAttach,
+    ShmAttached,
     ShmChunk,
-    chunk_table,
+    Subscribe,
 )
+from .geometry import chunk_table
+from .roles import MAY_NAME_PEER, MAY_SEND, NEEDS_CAP, Role, Side
+from .states import TRANSITIONS, Event, State
+from .transfers import FORGOTTEN_MAX, Receiving, Recent, Sending, check_chunk
+
+__all__ = [
+    "FORGOTTEN_MAX",
+    "MAX_CHUNKS",
+    "Connection",
+    "Limits",
+    "PayloadSink",
+    "Role",
+    "Side",
+    "State",
+]
 
 KIB = 1024
 MIB = 1024 * KIB
-MAX_CHUNKS = 1 << 20  # per transfer: bounds the receiver's per-chunk bookkeeping (~9 MiB)
-FORGOTTEN_MAX = 1024  # ended transfers whose late chunks are still dropped quietly
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,38 +95,37 @@ class Limits:
     initial_window: int = 16 * MIB  # chunk bytes the peer may send before a CREDIT
 
 
-class State(Enum):
-    AWAIT_PREFACE = auto()  # acceptor: waiting for MAGIC
-    AWAIT_HELLO = auto()  # acceptor: waiting for HELLO
-    AWAIT_ACCEPT = auto()  # acceptor: HELLO seen, the application has not answered yet
-    AWAIT_ACK = auto()  # initiator: HELLO sent, waiting for HELLO_ACK
-    OPEN = auto()
-    CLOSED = auto()
+PayloadSink = Callable[[ChunkMeta, int], tuple[memoryview, object]]
+"""``sink(meta, wire_length) -> (buffer, tag)``: a writable buffer of exactly
+``wire_length`` bytes for a chunk's data, and a tag the chunk event carries
+(``chunk.tag``), e.g. whether the buffer is an engine's arena or daemon memory."""
 
 
-class _Read(Enum):
-    PREFACE = auto()
-    HEADER = auto()
-    BODY = auto()
-    CHUNK_META = auto()
-    CHUNK_DATA = auto()
+def _default_sink(meta: ChunkMeta, wire_length: int) -> tuple[memoryview, object]:
+    return memoryview(bytearray(wire_length)), None
 
 
-@dataclass(slots=True)
-class _Incoming:
-    """Per-connection view of a transfer the peer opened here (one stripe of it)."""
-
-    open: Open
-    starts: list[int]
-    chunks_seen: int = 0
+class _Read:
+    PREFACE, HEADER, BODY, CHUNK_META, CHUNK_DATA = range(5)
+    NAMES = ("PREFACE", "HEADER", "BODY", "CHUNK_META", "CHUNK_DATA")
 
 
-PayloadSink = Callable[[ChunkMeta, int], memoryview]
-"""Returns a writable buffer of exactly ``wire_length`` bytes for a chunk's data."""
+# The engine API's shared-memory arena on this connection (§9.2).
+_NO_ARENA, _ARENA_ASKED, _ARENA_MAPPED = 0, 1, 2
 
-
-def _default_sink(meta: ChunkMeta, wire_length: int) -> memoryview:
-    return memoryview(bytearray(wire_length))
+_EVENTS_IN = {
+    FrameType.HELLO: Event.RECV_HELLO,
+    FrameType.HELLO_ACK: Event.RECV_HELLO_ACK,
+    FrameType.PING: Event.RECV_PING,
+    FrameType.GOAWAY: Event.RECV_GOAWAY,
+}
+_EVENTS_OUT = {
+    FrameType.HELLO: Event.SEND_HELLO,
+    FrameType.HELLO_ACK: Event.SEND_HELLO_ACK,
+    FrameType.PING: Event.SEND_PING,
+    FrameType.GOAWAY: Event.SEND_GOAWAY,
+}
+_ENCODE_ERRORS = (ValueError, TypeError, ArithmeticError, struct.error, RecursionError)
 
 
 @dataclass(slots=True)
@@ -110,81 +138,159 @@ class _Negotiated:
 
 
 class Connection:
-    """One kvship connection, either end. See the module docstring."""
+    """One kvship connection, either end. See the module docstring.
+
+    ``role`` says what this side is: :attr:`Role.PEER` (either end; give ``initiator``),
+    :attr:`Role.ENGINE` (initiator) or :attr:`Role.DAEMON` (the engine listener's
+    acceptor). Without it the role is learnt from the HELLO: the one ``initiate()``
+    sends, or the one an acceptor receives (which then takes either role); with it, an
+    acceptor refuses a HELLO of the other role (``PROTOCOL_ERROR``, SPEC §9).
+    """
 
     def __init__(
         self,
         *,
-        initiator: bool,
+        initiator: bool | None = None,
+        role: Role | None = None,
         limits: Limits | None = None,
         payload_sink: PayloadSink | None = None,
     ) -> None:
+        if role is Role.ENGINE or role is Role.DAEMON:
+            implied = role is Role.ENGINE
+            if initiator is not None and initiator is not implied:
+                end = "initiator" if implied else "acceptor"
+                raise ValueError(f"the {role.value} end of an engine connection is its {end}")
+            initiator = implied
+        if initiator is None:
+            raise ValueError("Connection needs initiator=True/False (or an engine role)")
         self.initiator = initiator
+        self._role = role
+        self._side = None if role is None else Side.of(role, initiator)
         self.limits = limits or Limits()
         self.payload_sink: PayloadSink = payload_sink or _default_sink
-        self.state = State.AWAIT_ACK if initiator else State.AWAIT_PREFACE
+        self._state = State.IDLE if initiator else State.AWAIT_PREFACE
         self.negotiated = _Negotiated()
         self.send_credit = 0  # chunk bytes we may still send
         self.recv_window = 0  # chunk bytes the peer may still send us
-        self._incoming: dict[int, _Incoming] = {}
-        # Transfers this side ended on its own (ABORT sent): chunks the peer had already
+        self._receiving: dict[int, Receiving] = {}
+        # Transfers ended by an ABORT (ours or the peer's): chunks the peer had already
         # put on the wire keep arriving for a while and are dropped, not a protocol error.
-        self._forgotten: OrderedDict[int, None] = OrderedDict()
+        self._forgotten = Recent()
+        self._sending: dict[int, Sending] = {}
+        self._ended = Recent()  # END sent, COMPLETE (or ABORT) not seen yet
+        self._dropped = Recent()  # ABORT sent or received: late CHUNK/END go out unchecked
+        self._subscribing = False  # engine: a SUBSCRIBE waits for its OPEN (or ABORT)
+        self._arena = _NO_ARENA
+        self._goaway_sent = False
         self._read = _Read.HEADER if initiator else _Read.PREFACE
         self._scratch = memoryview(bytearray(ChunkMeta.FIXED.size))
-        self._buf: memoryview = self._scratch[: len(MAGIC) if not initiator else HEADER_SIZE]
+        self._buf: memoryview = self._scratch[: HEADER_SIZE if initiator else len(MAGIC)]
         self._filled = 0
         self._frame_type = 0
         self._frame_flags = 0
         self._body_length = 0
         self._chunk_meta: ChunkMeta | None = None
-        self._started = False
-        self._hello: Hello | None = None  # what initiate() offered, to check the ACK against
+        self._chunk_tag: object = None
+        self._hello: Hello | None = None  # the HELLO offered (initiator) or received
 
     # ------------------------------------------------------------------ state
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self._state is State.CLOSED
+
+    @property
+    def role(self) -> Role | None:
+        """What this side is (None until a HELLO told, where the constructor did not)."""
+        return self._role
+
+    @property
+    def side(self) -> Side | None:
+        """Which end this is (None until the role is known)."""
+        return self._side
+
+    def _take_role(self, role: Role) -> None:
+        self._role = role
+        self._side = Side.of(role, self.initiator)
 
     @property
     def open_transfers(self) -> int:
-        return len(self._incoming)
+        """Transfers the peer opened here that are still open (they hold its slots)."""
+        return len(self._receiving)
+
+    @property
+    def sending_transfers(self) -> int:
+        """Transfers this side opened here and has not ENDed or ABORTed."""
+        return len(self._sending)
 
     def _fail(self, code: ErrorCode, message: str) -> ProtocolError:
-        self.state = State.CLOSED
+        self._state = TRANSITIONS[(self._state, Event.ERROR)]
         return ProtocolError(code, message)
+
+    def _step(self, event: Event, what: str) -> State:
+        """The state ``event`` leads to, or the error the table gives."""
+        state = TRANSITIONS.get((self._state, event))
+        if state is not None:
+            return state
+        why = _why_not(self._state, event, what)
+        if event.sending:
+            raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, why)
+        raise self._fail(ErrorCode.PROTOCOL_ERROR, why)
 
     # ------------------------------------------------------------- handshake
     def initiate(self, hello: Hello) -> bytes:
         """The connecting side's first bytes: the preface and HELLO."""
-        if not self.initiator or self._started:
-            raise RuntimeError("initiate() is for a fresh initiator connection")
-        self._started = True
+        if not self.initiator:
+            raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, "only an initiator sends HELLO")
+        state = self._step(Event.SEND_HELLO, "HELLO")
+        data = self._encoded(hello, HANDSHAKE_MAX_BODY)
+        role = Role.of_hello(hello.role, True)
+        if self.role is not None and role is not self.role:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"HELLO role {hello.role} on a {self.role.value} side"
+            )
+        self._take_role(role)
         self._hello = hello
-        return MAGIC + hello.encode()
+        self._state = state
+        return MAGIC + data
 
     def accept(self, node_name: str = "", capabilities: int = KNOWN_CAPS) -> bytes:
-        """Answer the HELLO the peer sent (after the application checked it)."""
-        if self.state is not State.AWAIT_ACCEPT:
-            raise RuntimeError(f"accept() in state {self.state.name}")
+        """Answer the HELLO the peer sent (after the application checked it): HELLO_ACK.
+
+        An ``auth_method`` this side does not know fails the connection instead
+        (:class:`ProtocolError` ``AUTH_FAILED``, SPEC §6.4): send :meth:`close`'s GOAWAY.
+        """
+        state = self._step(Event.SEND_HELLO_ACK, "HELLO_ACK")
+        hello = self._hello
+        assert hello is not None
+        if hello.auth_method != AUTH_NONE:
+            raise self._fail(
+                ErrorCode.AUTH_FAILED,
+                f"auth_method {hello.auth_method} is not one this side knows (only 0, none)",
+            )
         neg = self.negotiated
-        neg.capabilities &= capabilities
-        neg.peer_limits = self.limits  # both ends enforce the acceptor's limits
-        self.state = State.OPEN
-        self.recv_window = self.limits.initial_window
-        self.send_credit = self.limits.initial_window
+        caps = neg.capabilities & capabilities
+        limits = self.limits
         ack = HelloAck(
             neg.version,
-            neg.capabilities,
-            self.limits.initial_window,
-            self.limits.max_frame,
-            self.limits.max_chunk,
-            self.limits.max_transfers,
+            caps,
+            limits.initial_window,
+            limits.max_frame,
+            limits.max_chunk,
+            limits.max_transfers,
             node_name,
         )
-        return ack.encode()
+        data = self._encoded(ack, HANDSHAKE_MAX_BODY)
+        neg.capabilities = caps
+        neg.peer_limits = limits  # both ends enforce the acceptor's limits
+        self.recv_window = self.send_credit = limits.initial_window
+        self._state = state
+        return data
 
-    def _on_hello(self, hello: Hello) -> None:
+    def _on_hello(self, hello: Hello, state: State) -> None:
         version = min(PROTOCOL_VERSION, hello.max_version)
         if version < max(MIN_VERSION, hello.min_version):
             raise self._fail(
@@ -192,14 +298,23 @@ class Connection:
                 f"peer speaks versions {hello.min_version}..{hello.max_version}, "
                 f"this side {MIN_VERSION}..{PROTOCOL_VERSION}",
             )
+        role = Role.of_hello(hello.role, False)
+        if self.role is not None and role is not self.role:
+            raise self._fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"HELLO role {hello.role} ({_HELLO_ROLES.get(hello.role)}) on "
+                f"{'a peer' if self.role is Role.PEER else 'an engine'} listener",
+            )
+        self._take_role(role)
+        self._hello = hello
         neg = self.negotiated
         neg.version = version
         neg.capabilities = hello.capabilities & KNOWN_CAPS
         neg.peer_name = hello.node_name
         neg.peer_role = hello.role
-        self.state = State.AWAIT_ACCEPT
+        self._state = state
 
-    def _on_hello_ack(self, ack: HelloAck) -> None:
+    def _on_hello_ack(self, ack: HelloAck, state: State) -> None:
         lo, hi, offered = MIN_VERSION, PROTOCOL_VERSION, KNOWN_CAPS
         if self._hello is not None:  # the ACK may only pick from what our HELLO offered
             lo, hi = max(lo, self._hello.min_version), min(hi, self._hello.max_version)
@@ -217,16 +332,32 @@ class Connection:
         )
         # The initiator enforces the acceptor's limits in both directions.
         self.limits = neg.peer_limits
-        self.send_credit = ack.initial_window
-        self.recv_window = ack.initial_window
-        self.state = State.OPEN
+        self.send_credit = self.recv_window = ack.initial_window
+        self._state = state
 
     # ---------------------------------------------------------------- sending
     def send(self, frame: Frame) -> bytes:
-        """Encode a control frame (anything but CHUNK data, see :meth:`chunk_header`)."""
-        if self.state is not State.OPEN:
-            raise RuntimeError(f"cannot send {type(frame).__name__} in state {self.state.name}")
-        return frame.encode()
+        """The bytes of ``frame``, if this side may send it now (else LocalProtocolError).
+
+        For CHUNK prefer :meth:`chunk_header` (the data then goes out from its own buffer).
+        HELLO and HELLO_ACK go out through :meth:`initiate` and :meth:`accept`.
+        """
+        if isinstance(frame, Chunk):
+            return self.chunk_header(frame.meta, len(frame.data)) + bytes(frame.data)
+        name = frame_name(frame.TYPE)
+        if isinstance(frame, Hello | HelloAck):
+            api = "initiate()" if isinstance(frame, Hello) else "accept()"
+            raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} goes out by {api}")
+        state = self._step(_EVENTS_OUT.get(frame.TYPE, Event.SEND_FRAME), name)
+        limit = self.limits.max_frame if self._state is State.OPEN else HANDSHAKE_MAX_BODY
+        data = self._encoded(frame, limit)
+        effect = self._check_out(frame)
+        if effect is not None:
+            effect()
+        if isinstance(frame, GoAway):
+            self._goaway_sent = True
+        self._state = state
+        return data
 
     def chunk_header(self, meta: ChunkMeta, wire_length: int) -> bytes:
         """Header + meta of a CHUNK whose ``wire_length`` data bytes the caller sends next.
@@ -234,34 +365,43 @@ class Connection:
         Debits the send credit: the IO layer must wait for CREDIT when ``send_credit`` is
         short (a slow receiver bounds the sender's memory this way).
         """
-        if self.state is not State.OPEN:
-            raise RuntimeError(f"cannot send CHUNK in state {self.state.name}")
+        self._step(Event.SEND_FRAME, "CHUNK")
+        self._may_send(FrameType.CHUNK)
+        try:
+            header = Chunk.header(meta, wire_length)
+        except _ENCODE_ERRORS as exc:
+            raise LocalProtocolError(ErrorCode.MALFORMED_FRAME, f"CHUNK: {exc}") from None
+        count = self._check_chunk_out(meta, wire_length, "CHUNK")
         if wire_length > self.send_credit:
-            raise RuntimeError(f"CHUNK of {wire_length} B exceeds credit {self.send_credit} B")
-        if meta.raw_length > self.limits.max_chunk:
-            raise RuntimeError(f"chunk of {meta.raw_length} B above max_chunk")
+            raise LocalProtocolError(
+                ErrorCode.FLOW_CONTROL,
+                f"CHUNK of {wire_length} B exceeds the credit of {self.send_credit} B",
+            )
         self.send_credit -= wire_length
-        return Chunk.header(meta, wire_length)
+        if count is not None:
+            count()
+        return header
 
     def grant(self, increment: int) -> bytes:
         """Give the peer ``increment`` more bytes of credit (after consuming chunk data)."""
         if increment <= 0:
             raise ValueError("credit increment must be positive")
-        self.recv_window += increment
-        if self.recv_window > MAX_WINDOW:
-            raise RuntimeError("receive window above 2^31-1")
         return self.send(Credit(increment))
 
     def forget(self, transfer_id: int) -> None:
-        """Stop tracking an incoming transfer this side gave up on (after sending ABORT).
+        """Stop tracking ``transfer_id`` here, both ways (after an ABORT on another stripe).
 
-        Its late CHUNK and END frames still parse, count against flow control and come
-        out as events, so the application can drop them and return the credit.
+        Sending ABORT through :meth:`send` does this for the connection it goes on. Late
+        CHUNK and END frames of a forgotten transfer still parse, count against flow
+        control and come out as events, so the application can drop them and return the
+        credit; late ones this side sends go out unchecked.
         """
-        self._incoming.pop(transfer_id, None)
-        self._forgotten[transfer_id] = None
-        while len(self._forgotten) > FORGOTTEN_MAX:
-            self._forgotten.popitem(last=False)
+        was_sending = self._sending.pop(transfer_id, None) is not None
+        if was_sending:
+            self._dropped.add(transfer_id)
+        self._ended.discard(transfer_id)
+        if self._receiving.pop(transfer_id, None) is not None or not was_sending:
+            self._forgotten.add(transfer_id)
 
     def is_forgotten(self, transfer_id: int) -> bool:
         return transfer_id in self._forgotten
@@ -270,10 +410,251 @@ class Connection:
         """Bytes that tell the peer why we close (valid even after the machine failed)."""
         return GoAway(int(error.code), error.message).encode()
 
+    def close(self, error: ProtocolError | None = None) -> bytes:
+        """This side closes the connection: the GOAWAY to send last (``error``'s code, or
+        NO_ERROR), or b"" if one went out already. The machine is CLOSED afterwards."""
+        data = b""
+        if not self._goaway_sent and not (self.initiator and self._state is State.IDLE):
+            data = self.goaway_for(error or ProtocolError(ErrorCode.NO_ERROR, "closing"))
+            self._goaway_sent = True
+        self._state = TRANSITIONS[(self._state, Event.ERROR)]
+        return data
+
+    def _encoded(self, frame: Frame, limit: int) -> bytes:
+        """``frame``'s bytes, if the peer's decoder would take them (else LocalProtocolError)."""
+        name = frame_name(frame.TYPE)
+        try:
+            data = frame.encode()
+            if isinstance(frame, Open):
+                frame.check()  # what decode would say, without parsing the JSON again
+            else:
+                DECODERS[frame.TYPE](memoryview(data)[HEADER_SIZE:])
+        except ProtocolError as exc:
+            raise LocalProtocolError(exc.code, f"{name}: {exc.message}") from None
+        except _ENCODE_ERRORS as exc:
+            raise LocalProtocolError(
+                ErrorCode.MALFORMED_FRAME, f"{name} does not encode: {exc!r}"
+            ) from None
+        if len(data) - HEADER_SIZE > limit:
+            raise LocalProtocolError(
+                ErrorCode.FRAME_TOO_LARGE, f"{name} of {len(data) - HEADER_SIZE} B > {limit} B"
+            )
+        return data
+
+    def _may_send(self, frame_type: int) -> None:
+        side = self._side
+        assert side is not None  # known once the handshake went this far
+        if frame_type not in MAY_SEND[side]:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"{side.value} does not send {frame_name(frame_type)}"
+            )
+        cap = NEEDS_CAP.get(frame_type, 0)
+        if cap and not self.negotiated.capabilities & cap:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR,
+                f"{frame_name(frame_type)} without the capability {cap:#x}",
+            )
+
+    def _check_out(self, frame: Frame) -> Callable[[], None] | None:
+        """Check ``frame`` against the roles and the transfers; returns what sending it
+        changes (applied only once every check passed), or None."""
+        if isinstance(frame, GoAway | Ping):
+            return None
+        self._may_send(frame.TYPE)
+        local = _local  # raise with the code the peer would answer
+        if isinstance(frame, Open):
+            return self._check_open_out(frame)
+        if isinstance(frame, ShmChunk):
+            self._need_arena("SHM_CHUNK", local)
+            return self._check_chunk_out(frame.meta, frame.meta.raw_length, "SHM_CHUNK")
+        if isinstance(frame, End):
+            return self._check_end_out(frame)
+        if isinstance(frame, Abort):
+            return lambda: self._aborted(frame.transfer_id)
+        if isinstance(frame, Credit):
+            if self.recv_window + frame.increment > MAX_WINDOW:
+                raise local(
+                    ErrorCode.FLOW_CONTROL,
+                    f"CREDIT {frame.increment} takes the window above 2^31-1",
+                )
+
+            def credit() -> None:
+                self.recv_window += frame.increment
+
+            return credit
+        if isinstance(frame, Complete):
+            return self._check_complete_out(frame)
+        if isinstance(frame, Subscribe):
+            if self._subscribing:
+                raise local(
+                    ErrorCode.PROTOCOL_ERROR,
+                    "a SUBSCRIBE already waits for its OPEN on this connection (§9.3)",
+                )
+            return self._subscribed
+        if isinstance(frame, ShmAttach):
+            if self._arena != _NO_ARENA:
+                raise local(ErrorCode.PROTOCOL_ERROR, "SHM_ATTACH twice")
+            return self._arena_asked
+        if isinstance(frame, ShmAttached):
+            if self._arena != _ARENA_ASKED:
+                raise local(ErrorCode.PROTOCOL_ERROR, "SHM_ATTACHED without an SHM_ATTACH")
+            return self._arena_mapped
+        if isinstance(frame, LayerReady):
+            transfer = self._sending.get(frame.transfer_id)
+            if transfer is None and frame.transfer_id not in self._dropped:
+                raise local(
+                    ErrorCode.UNKNOWN_TRANSFER,
+                    f"LAYER_READY for transfer {frame.transfer_id:#x} not open",
+                )
+            self._check_layer_ready(frame, transfer, local)
+        elif isinstance(frame, Release):
+            self._need_arena("RELEASE", local)
+        return None
+
+    def _subscribed(self) -> None:
+        self._subscribing = True
+
+    def _arena_asked(self) -> None:
+        self._arena = _ARENA_ASKED
+
+    def _arena_mapped(self) -> None:
+        self._arena = _ARENA_MAPPED
+
+    def _check_open_out(self, frame: Open) -> Callable[[], None]:
+        self._check_open(frame, self.side, _local)
+        tid = frame.transfer_id
+        if tid in self._sending:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"transfer {tid:#x} is open here already"
+            )
+        if len(self._sending) >= self.limits.max_transfers:
+            raise LocalProtocolError(
+                ErrorCode.TOO_MANY_TRANSFERS,
+                f"{len(self._sending)} transfers open here: the peer takes "
+                f"{self.limits.max_transfers} (END or ABORT one first)",
+            )
+
+        def opened() -> None:
+            self._sending[tid] = Sending.of(frame)
+            self._ended.discard(tid)
+            self._dropped.discard(tid)
+
+        return opened
+
+    def _check_chunk_out(
+        self, meta: ChunkMeta, wire_length: int, name: str
+    ) -> Callable[[], None] | None:
+        tid = meta.transfer_id
+        transfer = self._sending.get(tid)
+        if transfer is None:
+            if tid in self._dropped:  # ABORTed meanwhile: the receiver drops it (§7.3)
+                if wire_length > self.limits.max_chunk:
+                    raise LocalProtocolError(
+                        ErrorCode.MALFORMED_FRAME, f"{name} of {wire_length} B > max_chunk"
+                    )
+                return None
+            when = "after its END" if tid in self._ended else "before its OPEN"
+            raise LocalProtocolError(
+                ErrorCode.UNKNOWN_TRANSFER, f"{name} of transfer {tid:#x} {when}"
+            )
+        try:
+            check_chunk(
+                transfer.open, transfer.starts, meta, wire_length, self.negotiated.capabilities
+            )
+        except ProtocolError as exc:
+            raise LocalProtocolError(exc.code, f"{name}: {exc.message}") from None
+        if transfer.was_sent(meta.chunk_index):
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR,
+                f"chunk {meta.chunk_index} of transfer {tid:#x} sent twice here",
+            )
+        return lambda: transfer.mark_sent(meta.chunk_index)
+
+    def _check_end_out(self, frame: End) -> Callable[[], None] | None:
+        tid = frame.transfer_id
+        transfer = self._sending.get(tid)
+        if transfer is None:
+            if tid in self._dropped:
+                return None
+            when = "a second END" if tid in self._ended else "END before its OPEN"
+            raise LocalProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"{when} of {tid:#x}")
+        if frame.chunks_on_stripe != transfer.chunks_sent:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR,
+                f"END says {frame.chunks_on_stripe} chunks, {transfer.chunks_sent} went here",
+            )
+
+        def ended() -> None:
+            del self._sending[tid]
+            self._ended.add(tid)
+
+        return ended
+
+    def _check_complete_out(self, frame: Complete) -> Callable[[], None] | None:
+        tid = frame.transfer_id
+        if self.side is Side.DAEMON and (tid in self._sending or tid in self._ended):
+            # A delivery to the engine ends with COMPLETE from its sender (§9.3).
+            def delivered() -> None:
+                self._sending.pop(tid, None)
+                self._ended.discard(tid)
+
+            return delivered
+        if tid in self._receiving:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"COMPLETE of transfer {tid:#x} before its END"
+            )
+        return None
+
+    def _aborted(self, tid: int) -> None:
+        """An ABORT went out or came in: the transfer ends here, whichever way it went."""
+        if self._receiving.pop(tid, None) is not None:
+            self._forgotten.add(tid)
+        if self._sending.pop(tid, None) is not None:
+            self._dropped.add(tid)
+        self._ended.discard(tid)
+
+    # ------------------------------------------------ rules of both directions
+    def _check_open(self, frame: Open, sender: Side | None, error: _Raise) -> None:
+        """OPEN's rules that do not depend on the direction's table."""
+        if frame.peer and sender is not MAY_NAME_PEER:
+            raise error(ErrorCode.PROTOCOL_ERROR, "only an engine's OPEN names a peer")
+        if frame.n_stripes > 1 and not self.negotiated.capabilities & CAP_STRIPING:
+            raise error(ErrorCode.PROTOCOL_ERROR, "striped OPEN without CAP_STRIPING")
+        if frame.n_chunks > MAX_CHUNKS:
+            raise error(
+                ErrorCode.TRANSFER_TOO_LARGE,
+                f"transfer of {frame.n_chunks} chunks; at most {MAX_CHUNKS} (raise chunk_size)",
+            )
+        if frame.chunk_size > self.limits.max_chunk:
+            raise error(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"chunk_size {frame.chunk_size} > max_chunk {self.limits.max_chunk}",
+            )
+
+    def _need_arena(self, name: str, error: _Raise) -> None:
+        if self._arena == _NO_ARENA:
+            raise error(ErrorCode.PROTOCOL_ERROR, f"{name} before SHM_ATTACH (§9.2)")
+
+    def _check_layer_ready(
+        self, frame: LayerReady, transfer: Sending | Receiving | None, error: _Raise
+    ) -> None:
+        if transfer is not None:
+            layers = transfer.open.layers
+            if frame.layer >= len(layers) or frame.nbytes != layers[frame.layer].nbytes:
+                raise error(
+                    ErrorCode.LAYOUT_MISMATCH,
+                    f"LAYER_READY of layer {frame.layer} with {frame.nbytes} B does not fit "
+                    "the layout",
+                )
+        if frame.nbytes:
+            if not self.negotiated.capabilities & CAP_SHM:
+                raise error(ErrorCode.PROTOCOL_ERROR, "LAYER_READY without CAP_SHM")
+            self._need_arena("LAYER_READY", error)
+
     # -------------------------------------------------------------- receiving
     def read_buffer(self) -> memoryview:
         """Where the next received bytes go; at most the rest of the current field."""
-        if self.state is State.CLOSED:
+        if self._state is State.CLOSED:
             raise RuntimeError("connection is closed")
         return self._buf[self._filled :]
 
@@ -294,7 +675,7 @@ class Connection:
         src = memoryview(data).cast("B")
         events: list[Frame] = []
         pos = 0
-        while pos < len(src) and self.state is not State.CLOSED:
+        while pos < len(src) and self._state is not State.CLOSED:
             dst = self.read_buffer()
             n = min(len(dst), len(src) - pos)
             dst[:n] = src[pos : pos + n]
@@ -305,43 +686,44 @@ class Connection:
     def receive_eof(self) -> None:
         """The peer closed its side: fine between frames, an error inside one."""
         at_boundary = self._filled == 0 and self._read in (_Read.HEADER, _Read.PREFACE)
-        if self.state is not State.CLOSED and not at_boundary:
+        if self._state is not State.CLOSED and not at_boundary:
             raise self._fail(
-                ErrorCode.MALFORMED_FRAME, f"stream truncated inside a frame ({self._read.name})"
+                ErrorCode.MALFORMED_FRAME,
+                f"stream truncated inside a frame ({_Read.NAMES[self._read]})",
             )
-        self.state = State.CLOSED
+        self._state = TRANSITIONS[(self._state, Event.EOF)]
 
-    def _expect(self, read: _Read, buf: memoryview) -> None:
+    def _expect(self, read: int, buf: memoryview) -> None:
         self._read = read
         self._buf = buf
         self._filled = 0
 
     def _field_done(self) -> list[Frame]:
         read = self._read
-        if read is _Read.PREFACE:
+        if read == _Read.PREFACE:
             if bytes(self._buf) != MAGIC:
                 raise self._fail(ErrorCode.BAD_MAGIC, "connection preface is not kvship's")
-            self.state = State.AWAIT_HELLO
+            self._state = self._step(Event.RECV_PREFACE, "the preface")
             self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
             return []
-        if read is _Read.HEADER:
+        if read == _Read.HEADER:
             return self._on_header()
-        if read is _Read.BODY:
+        if read == _Read.BODY:
             body = self._buf
             self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
             return self._on_body(body)
-        if read is _Read.CHUNK_META:
+        if read == _Read.CHUNK_META:
             return self._on_chunk_meta()
         # CHUNK_DATA
-        meta, data = self._chunk_meta, self._buf
-        self._chunk_meta = None
+        meta, data, tag = self._chunk_meta, self._buf, self._chunk_tag
+        self._chunk_meta, self._chunk_tag = None, None
         self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
         assert meta is not None
-        return [Chunk(meta, data)]
+        return [ReceivedChunk(meta, data, tag)]
 
     def _on_header(self) -> list[Frame]:
         length, ftype, flags, reserved = HEADER.unpack_from(self._buf)
-        limit = self.limits.max_frame if self.state is State.OPEN else HANDSHAKE_MAX_BODY
+        limit = self.limits.max_frame if self._state is State.OPEN else HANDSHAKE_MAX_BODY
         if length > limit:
             raise self._fail(
                 ErrorCode.FRAME_TOO_LARGE, f"frame type 0x{ftype:02x} of {length} B > {limit} B"
@@ -350,8 +732,10 @@ class Connection:
             raise self._fail(ErrorCode.MALFORMED_FRAME, "reserved header bits are set")
         self._frame_type, self._frame_flags, self._body_length = ftype, flags, length
         if ftype == FrameType.CHUNK:
-            if self.state is not State.OPEN:
+            # Checked on the header: a CHUNK's data goes straight to the sink's buffer.
+            if self._state is not State.OPEN:
                 raise self._fail(ErrorCode.PROTOCOL_ERROR, "CHUNK before the handshake")
+            self._may_receive(FrameType.CHUNK)
             if length < ChunkMeta.FIXED.size:
                 raise self._fail(ErrorCode.MALFORMED_FRAME, f"CHUNK body of {length} B < 40 B")
             self._expect(_Read.CHUNK_META, self._scratch[: ChunkMeta.FIXED.size])
@@ -366,7 +750,7 @@ class Connection:
         ftype = self._frame_type
         decode = DECODERS.get(ftype)
         if decode is None:
-            if self._frame_flags & FLAG_IGNORABLE and self.state is State.OPEN:
+            if self._frame_flags & FLAG_IGNORABLE and self._state is State.OPEN:
                 return []
             raise self._fail(ErrorCode.UNKNOWN_FRAME, f"unknown frame type 0x{ftype:02x}")
         try:
@@ -377,72 +761,95 @@ class Connection:
             raise self._fail(ErrorCode.MALFORMED_FRAME, f"frame 0x{ftype:02x}: {exc!r}") from exc
         return self._dispatch(frame)
 
+    def _may_receive(self, frame_type: int) -> None:
+        side = self._side
+        assert side is not None
+        sender = side.other
+        if frame_type not in MAY_SEND[sender]:
+            raise self._fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"{frame_name(frame_type)} from {sender.value}: only "
+                + " or ".join(s.value for s in Side if frame_type in MAY_SEND[s])
+                + " may send it",
+            )
+        cap = NEEDS_CAP.get(frame_type, 0)
+        if cap and not self.negotiated.capabilities & cap:
+            raise self._fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"{frame_name(frame_type)} without the capability {cap:#x}",
+            )
+
     def _dispatch(self, frame: Frame) -> list[Frame]:
-        state = self.state
-        if state is State.AWAIT_HELLO:
-            if not isinstance(frame, Hello):
-                raise self._fail(ErrorCode.PROTOCOL_ERROR, f"{type(frame).__name__} before HELLO")
-            self._on_hello(frame)
+        name = frame_name(frame.TYPE)
+        state = self._step(_EVENTS_IN.get(frame.TYPE, Event.RECV_FRAME), name)
+        if isinstance(frame, Hello):
+            self._on_hello(frame, state)
             return [frame]
-        if state is State.AWAIT_ACK:
-            if isinstance(frame, GoAway):
-                self.state = State.CLOSED
-                return [frame]
-            if not isinstance(frame, HelloAck):
-                raise self._fail(
-                    ErrorCode.PROTOCOL_ERROR, f"{type(frame).__name__} before HELLO_ACK"
-                )
-            self._on_hello_ack(frame)
+        if isinstance(frame, HelloAck):
+            self._on_hello_ack(frame, state)
             return [frame]
-        if state is not State.OPEN:
-            raise self._fail(ErrorCode.PROTOCOL_ERROR, f"{type(frame).__name__} in {state.name}")
-        if isinstance(frame, Hello | HelloAck):
-            raise self._fail(ErrorCode.PROTOCOL_ERROR, "second handshake frame")
+        if not isinstance(frame, GoAway | Ping):
+            self._may_receive(frame.TYPE)
+        remote = self._fail
         if isinstance(frame, Open):
             self._on_open(frame)
         elif isinstance(frame, End):
             self._on_end(frame)
         elif isinstance(frame, ShmChunk):
+            self._need_arena("SHM_CHUNK", remote)
             self._check_chunk(frame.meta, frame.meta.raw_length)
         elif isinstance(frame, Abort):
-            if frame.transfer_id in self._incoming:
-                self.forget(frame.transfer_id)
+            tid = frame.transfer_id
+            if self._subscribing and tid not in self._sending and tid not in self._ended:
+                self._subscribing = False  # it answers the SUBSCRIBE (§9.3: NOT_FOUND)
+            self._aborted(tid)
         elif isinstance(frame, Credit):
+            if self.send_credit + frame.increment > MAX_WINDOW:
+                raise remote(ErrorCode.FLOW_CONTROL, "credit above 2^31-1")
             self.send_credit += frame.increment
-            if self.send_credit > MAX_WINDOW:
-                raise self._fail(ErrorCode.FLOW_CONTROL, "credit above 2^31-1")
-        elif isinstance(frame, GoAway):
-            self.state = State.CLOSED
+        elif isinstance(frame, Complete):
+            self._on_complete(frame)
+        elif isinstance(frame, ShmAttach):
+            if self._arena != _NO_ARENA:
+                raise remote(ErrorCode.PROTOCOL_ERROR, "SHM_ATTACH twice")
+            self._arena_asked()
+        elif isinstance(frame, ShmAttached):
+            if self._arena != _ARENA_ASKED:
+                raise remote(ErrorCode.PROTOCOL_ERROR, "SHM_ATTACHED without an SHM_ATTACH")
+            self._arena_mapped()
+        elif isinstance(frame, LayerReady):
+            transfer = self._receiving.get(frame.transfer_id)
+            if transfer is None and frame.transfer_id not in self._forgotten:
+                raise remote(
+                    ErrorCode.UNKNOWN_TRANSFER,
+                    f"LAYER_READY for transfer {frame.transfer_id:#x} not open",
+                )
+            self._check_layer_ready(frame, transfer, remote)
+        elif isinstance(frame, Release):
+            self._need_arena("RELEASE", remote)
+        self._state = state
         return [frame]
 
     def _on_open(self, frame: Open) -> None:
-        self._forgotten.pop(frame.transfer_id, None)
-        if frame.n_stripes > 1 and not self.negotiated.capabilities & CAP_STRIPING:
-            raise self._fail(ErrorCode.PROTOCOL_ERROR, "striped OPEN without CAP_STRIPING")
-        if frame.n_chunks > MAX_CHUNKS:
-            raise self._fail(
-                ErrorCode.TRANSFER_TOO_LARGE,
-                f"transfer of {frame.n_chunks} chunks; at most {MAX_CHUNKS} (raise chunk_size)",
-            )
-        if frame.transfer_id in self._incoming:
+        self._check_open(frame, self.side.other if self.side else None, self._fail)
+        if self.side is Side.ENGINE and not self._subscribing:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "OPEN without a SUBSCRIBE (§9.3)")
+        if frame.transfer_id in self._receiving:
             raise self._fail(
                 ErrorCode.PROTOCOL_ERROR, f"transfer {frame.transfer_id:#x} opened twice"
             )
-        if len(self._incoming) >= self.limits.max_transfers:
+        if len(self._receiving) >= self.limits.max_transfers:
             raise self._fail(
                 ErrorCode.TOO_MANY_TRANSFERS, f"more than {self.limits.max_transfers} transfers"
             )
-        if frame.chunk_size > self.limits.max_chunk:
-            raise self._fail(
-                ErrorCode.FRAME_TOO_LARGE,
-                f"chunk_size {frame.chunk_size} > max_chunk {self.limits.max_chunk}",
-            )
-        self._incoming[frame.transfer_id] = _Incoming(
+        self._subscribing = False
+        self._forgotten.discard(frame.transfer_id)
+        self._receiving[frame.transfer_id] = Receiving(
             frame, chunk_table(frame.layers, frame.chunk_size)
         )
 
     def _on_end(self, frame: End) -> None:
-        incoming = self._incoming.pop(frame.transfer_id, None)
+        incoming = self._receiving.pop(frame.transfer_id, None)
         if incoming is None and frame.transfer_id in self._forgotten:
             return
         if incoming is None:
@@ -456,8 +863,19 @@ class Connection:
                 f"{incoming.chunks_seen} arrived",
             )
 
+    def _on_complete(self, frame: Complete) -> None:
+        tid = frame.transfer_id
+        if self.side is Side.ENGINE and tid in self._receiving:
+            del self._receiving[tid]  # a delivery the daemon ended without END (§9.3)
+            return
+        if tid in self._sending:
+            raise self._fail(
+                ErrorCode.PROTOCOL_ERROR, f"COMPLETE of transfer {tid:#x} before its END"
+            )
+        self._ended.discard(tid)  # done; unknown ids are ignored (ended elsewhere, aborted)
+
     def _check_chunk(self, meta: ChunkMeta, wire_length: int) -> None:
-        incoming = self._incoming.get(meta.transfer_id)
+        incoming = self._receiving.get(meta.transfer_id)
         if incoming is None and meta.transfer_id in self._forgotten:
             if wire_length > self.limits.max_chunk:
                 raise self._fail(ErrorCode.MALFORMED_FRAME, "bad chunk for an ended transfer")
@@ -466,36 +884,12 @@ class Connection:
             raise self._fail(
                 ErrorCode.UNKNOWN_TRANSFER, f"chunk for transfer {meta.transfer_id:#x} not open"
             )
-        opened, starts = incoming.open, incoming.starts
-        if meta.layer >= len(opened.layers) or not (
-            starts[meta.layer] <= meta.chunk_index < starts[meta.layer + 1]
-        ):
-            raise self._fail(
-                ErrorCode.LAYOUT_MISMATCH,
-                f"chunk {meta.chunk_index} is not in layer {meta.layer} of the declared layout",
+        try:
+            check_chunk(
+                incoming.open, incoming.starts, meta, wire_length, self.negotiated.capabilities
             )
-        offset = (meta.chunk_index - starts[meta.layer]) * opened.chunk_size
-        expect_len = min(opened.chunk_size, opened.layers[meta.layer].nbytes - offset)
-        if meta.offset != offset or meta.raw_length != expect_len:
-            raise self._fail(
-                ErrorCode.LAYOUT_MISMATCH,
-                f"chunk {meta.chunk_index} claims offset {meta.offset} length {meta.raw_length}, "
-                f"the layout puts it at {offset} length {expect_len}",
-            )
-        if meta.codec == CODEC_RAW:
-            if wire_length != meta.raw_length:
-                raise self._fail(
-                    ErrorCode.MALFORMED_FRAME,
-                    f"raw chunk carries {wire_length} B, raw_length is {meta.raw_length}",
-                )
-        elif meta.codec not in KNOWN_CODECS or not self.negotiated.capabilities & CAP_CODECS:
-            raise self._fail(ErrorCode.UNSUPPORTED_CODEC, f"chunk codec {meta.codec}")
-        elif not 0 < wire_length < meta.raw_length:
-            # Coded chunks exist only because they are smaller (else they travel raw).
-            raise self._fail(
-                ErrorCode.MALFORMED_FRAME,
-                f"codec {meta.codec} chunk of {wire_length} B for {meta.raw_length} raw bytes",
-            )
+        except ProtocolError as exc:
+            raise self._fail(exc.code, exc.message) from None
         incoming.chunks_seen += 1
 
     def _on_chunk_meta(self) -> list[Frame]:
@@ -511,9 +905,36 @@ class Connection:
         self._chunk_meta = meta
         if wire_length == 0:  # pragma: no cover - a zero-length chunk is never generated
             self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
-            return [Chunk(meta, memoryview(b""))]
-        sink = self.payload_sink(meta, wire_length)
-        if len(sink) != wire_length:
-            raise RuntimeError(f"payload sink gave {len(sink)} B for a {wire_length} B chunk")
-        self._expect(_Read.CHUNK_DATA, sink)
+            return [ReceivedChunk(meta, memoryview(b""))]
+        buf, self._chunk_tag = self.payload_sink(meta, wire_length)
+        if len(buf) != wire_length:
+            raise RuntimeError(f"payload sink gave {len(buf)} B for a {wire_length} B chunk")
+        self._expect(_Read.CHUNK_DATA, buf)
         return []
+
+
+_Raise = Callable[[ErrorCode, str], ProtocolError]
+_HELLO_ROLES = {1: "peer", 2: "engine"}
+
+
+def _local(code: ErrorCode, message: str) -> LocalProtocolError:
+    return LocalProtocolError(code, message)
+
+
+def _why_not(state: State, event: Event, what: str) -> str:
+    """Why the table refuses ``event`` in ``state``, in words."""
+    if state is State.CLOSED:
+        return f"{what}: the connection is closed"
+    if state is State.IDLE:
+        return f"{what} before initiate() sent HELLO"
+    if state in (State.AWAIT_PREFACE, State.AWAIT_HELLO):
+        return f"{what} before HELLO"
+    if state is State.AWAIT_ACCEPT:
+        if event.sending:
+            return f"{what} before accept() answered the HELLO"
+        return f"{what} before HELLO_ACK: the initiator may only pipeline PING"
+    if state is State.AWAIT_ACK:
+        if event.sending:
+            return f"{what} before HELLO_ACK: only PING may be pipelined after HELLO"
+        return f"{what} before HELLO_ACK"
+    return f"{what} after the handshake"

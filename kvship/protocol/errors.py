@@ -1,8 +1,14 @@
-"""Protocol error codes and the one exception type the protocol layer raises.
+"""Protocol error codes and the two ways the protocol layer refuses (as h11 does).
 
-Every malformed, truncated, oversized or out-of-order input surfaces as
-:class:`ProtocolError` with a specific :class:`ErrorCode`, so the IO layer can log
-it, count it, send a GOAWAY with the same code and close just that connection.
+Every malformed, truncated, oversized or out-of-order *input* surfaces as
+:class:`ProtocolError` with a specific :class:`ErrorCode`, so the IO layer can log it,
+count it, send a GOAWAY with the same code and close just that connection (the
+connection is CLOSED from then on).
+
+Every frame *this side* may not send now raises :class:`LocalProtocolError` instead,
+before anything is encoded or changed: the connection stays as it was and the
+application may go on. Its code is the one the peer would have answered the frame with.
+It is also a :class:`RuntimeError`, what the sending API raised before it had a type.
 """
 
 from __future__ import annotations
@@ -44,3 +50,8 @@ class ProtocolError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+class LocalProtocolError(ProtocolError, RuntimeError):
+    """This side tried to send something the protocol forbids now; nothing was sent and
+    the connection's state is unchanged. ``code`` is what the peer would have replied."""
