@@ -6,8 +6,11 @@ The vectors come from the Python codec itself, so they are regenerated, never ha
     python tools/make_vectors.py            # (re)write protocol/vectors/*.json
     python tools/make_vectors.py --check    # exit 1 if the committed files differ
 
-Each file holds one case: ``name``, ``kind`` (frame | stream | digest | error), ``hex`` and
-``fields``; ``tests/test_protocol_vectors.py`` checks the committed files both ways.
+Each file holds one case: ``name``, ``kind`` (frame | stream | digest | dedup | error),
+``hex`` and ``fields`` (SPEC.md §14); ``tests/test_protocol_vectors.py`` checks the committed
+files both ways. Coded CHUNK vectors come from the reference encoder (python-zstandard's
+libzstd): another zstd may encode the same bytes differently, and every valid encoding
+decodes to the same ``raw``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvship.layout.dedup import Manifest, skipped_chunks
+from kvship.layout.model import FullAttention, LinearState, ModelLayout
+from kvship.layout.prefix import PREFIX_SEED, block_keys, full_prefix_key, namespace, root_key
+from kvship.payload import Encoder
 from kvship.protocol import (
+    CAP_CODECS,
     CAP_SHM,
     CAP_STRIPING,
+    CODEC_SPLIT16,
+    CODEC_ZSTD,
     FLAG_IGNORABLE,
     MAGIC,
     ROLE_ENGINE,
@@ -50,6 +60,7 @@ from kvship.protocol import (
     ShmChunk,
     Subscribe,
     chunk_checksum,
+    chunk_table,
     digest_of_checksums,
     frame_header,
 )
@@ -75,11 +86,19 @@ def to_fields(value: Any) -> Any:
     return value
 
 
-def frame_case(name: str, frame: Any, description: str) -> dict[str, Any]:
+def frame_case(
+    name: str, frame: Any, description: str, *, raw: bytes | None = None
+) -> dict[str, Any]:
     fields = to_fields(frame)
     if isinstance(frame, Open):  # on the wire, derived from the layers: listed for readers
         fields["total_bytes"] = frame.total_bytes
         fields["n_chunks"] = frame.n_chunks
+    if isinstance(frame, Have):  # a u8 on the wire (0/1), not a JSON boolean
+        fields["states"] = int(frame.states)
+    if isinstance(frame, ShmChunk):  # on the wire, always equal to raw_length
+        fields["wire_length"] = frame.meta.raw_length
+    if raw is not None:  # a coded CHUNK: the bytes its data decodes to
+        fields["raw"] = raw.hex()
     return {
         "name": name,
         "kind": "frame",
@@ -102,13 +121,17 @@ def error_case(
     *,
     limits: Limits | None = None,
     eof: bool = False,
+    accept: bool = True,
 ) -> dict[str, Any]:
+    fields: dict[str, Any] = {"limits": limits_fields(limits or Limits()), "eof": eof}
+    if not accept:
+        fields["accept"] = False
     return {
         "name": name,
         "kind": "error",
         "description": description,
         "hex": stream.hex(),
-        "fields": {"limits": limits_fields(limits or Limits()), "eof": eof},
+        "fields": fields,
         "expect_error": code.name,
     }
 
@@ -120,7 +143,75 @@ LAYERS = (
     LayerSpec("float32", (3,), 12),
 )
 HELLO_PEER = Hello(ROLE_PEER, "prefill-a", capabilities=CAP_SHM | CAP_STRIPING)
+HELLO_CODECS = Hello(ROLE_PEER, "prefill-a", capabilities=CAP_STRIPING | CAP_CODECS)
 TID = 0x0123456789ABCDEF
+
+# Coded chunks (SPEC §5.4.1): text for zstd; for split16, 256 bf16-like values (4 exponent
+# bytes, noisy mantissas from a fixed LCG) and an odd tail byte, so every part is there.
+ZSTD_RAW = (b"kvship zstd chunk: layer 0, block 0. " * 8)[:256]
+
+
+def split16_raw() -> bytes:
+    out = bytearray()
+    x = 12345
+    exponents = (0x3E, 0x3F, 0xBE, 0xBF)
+    for _ in range(256):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        out += bytes(((x >> 8) & 0xFF, exponents[(x >> 20) & 3]))  # little-endian value
+    return bytes(out) + b"\x7f"
+
+
+def coded(raw: bytes, codec: int) -> bytes:
+    used, wire = Encoder().encode(raw, codec)
+    assert used == codec, f"codec {codec} did not shrink the vector's bytes"
+    return bytes(wire)
+
+
+def coded_chunk(codec: int, raw: bytes) -> Chunk:
+    return Chunk(ChunkMeta(TID, 0, 0, 0, len(raw), chunk_checksum(raw), codec), coded(raw, codec))
+
+
+# Prefix dedup (SPEC §7.6): a tiny hybrid model. A GQA layer and an MLA layer of 32-byte
+# blocks (4 tokens), two equal linear layers (a run: "repeat": 2) of 42-byte states. The
+# manifest's tp_rank (1) differs from the model's own (0) on purpose: the manifest's counts.
+DEDUP_MODEL = ModelLayout(
+    "tiny-hybrid",
+    "org/tiny-hybrid",
+    (
+        FullAttention(4, kv_heads=1, head_dim=2, dtype="bfloat16"),
+        LinearState(((4, 4), (5,)), "bfloat16"),
+        LinearState(((4, 4), (5,)), "bfloat16"),
+        FullAttention(4, kv_heads=1, head_dim=4, dtype="bfloat16", mla_latent_dim=3, rope_dim=1),
+    ),
+    tp_rank=0,
+)
+DEDUP_TP_RANK = 1
+DEDUP_TOKENS = (1, 2, 3, 65536, 4294967295, 7, 8, 9, 10, 11)  # 2 full blocks + 2 tail tokens
+DEDUP_CHUNK = 32
+DEDUP_LAYERS = (
+    LayerSpec("bfloat16", (3, 4, 2, 1, 2), 96),  # 3 blocks x 4 tokens x (K, V) x 1 head x 2
+    LayerSpec("bfloat16", (21,), 42),
+    LayerSpec("bfloat16", (21,), 42),
+    LayerSpec("bfloat16", (3, 4, 4), 96),  # 3 blocks x 4 tokens x (latent 3 + rope 1)
+)
+DEDUP_TID = 0x5EED0000000000D1
+
+
+def dedup_manifest() -> Manifest:
+    return Manifest(
+        DEDUP_MODEL, DEDUP_TP_RANK, tuple(block_keys(DEDUP_TOKENS, DEDUP_MODEL, DEDUP_TP_RANK))
+    )
+
+
+def dedup_open() -> Open:
+    return Open(
+        DEDUP_TID,
+        "req-dedup",
+        DEDUP_LAYERS,
+        DEDUP_CHUNK,
+        token_ids=DEDUP_TOKENS,
+        extra={"dedup": dedup_manifest().to_extra()},
+    )
 
 
 def frames() -> list[dict[str, Any]]:
@@ -212,6 +303,26 @@ def frames() -> list[dict[str, Any]]:
             "LAYER_READY: layer 1 (12 bytes) lies verified in the arena at 8192",
         ),
         frame_case("release", Release(4096, 8), "RELEASE: arena bytes 4096..4104 are free again"),
+        frame_case(
+            "chunk_zstd",
+            coded_chunk(CODEC_ZSTD, ZSTD_RAW),
+            "CHUNK with codec 1 (zstd): data is one zstd frame whose content (fields.raw, "
+            "256 bytes) the checksum covers",
+            raw=ZSTD_RAW,
+        ),
+        frame_case(
+            "chunk_split16",
+            coded_chunk(CODEC_SPLIT16, split16_raw()),
+            "CHUNK with codec 2 (split16) of 513 raw bytes: 8-byte header, the high plane "
+            "(256 bytes) as one zstd frame, the 256-byte low plane, the odd tail byte",
+            raw=split16_raw(),
+        ),
+        frame_case(
+            "open_dedup",
+            dedup_open(),
+            "OPEN carrying a dedup manifest in extra.dedup (the model of dedup_tiny_hybrid, "
+            "tp_rank 1, the 2 full blocks' keys of its 10 token ids)",
+        ),
     ]
 
 
@@ -238,6 +349,20 @@ def streams() -> list[dict[str, Any]]:
                 ]
             },
         },
+        {
+            "name": "ping_before_hello_ack",
+            "kind": "stream",
+            "description": "An initiator may pipeline a PING right after its HELLO: the "
+            "acceptor has not answered the HELLO yet (accept false) and takes the PING",
+            "hex": (MAGIC + HELLO_PEER.encode() + Ping(7).encode()).hex(),
+            "fields": {
+                "events": [
+                    {"type": "HELLO", "fields": to_fields(HELLO_PEER)},
+                    {"type": "PING", "fields": to_fields(Ping(7))},
+                ],
+                "accept": False,
+            },
+        },
     ]
 
 
@@ -261,12 +386,87 @@ def digests() -> list[dict[str, Any]]:
     ]
 
 
+def dedups() -> list[dict[str, Any]]:
+    manifest = dedup_manifest()
+    layout, rank, tokens = DEDUP_MODEL, DEDUP_TP_RANK, DEDUP_TOKENS
+    ns = namespace(layout, rank)
+    root = root_key(ns)
+    keys = list(manifest.keys)
+    bt = layout.block_tokens
+    n_full = len(tokens) // bt
+    raw = b"".join(t.to_bytes(4, "little") for t in tokens)
+    inputs, prev = [], root
+    for i, key in enumerate(keys):
+        inputs.append(prev + raw[4 * bt * i : 4 * bt * (i + 1)])
+        prev = key
+    state_input = prev + b"S" + raw[4 * bt * n_full :]
+    state_key = full_prefix_key(tokens, layout, rank)
+    n_blocks = -(-len(tokens) // bt)
+    layers = []
+    for kind, spec in zip(layout.layers, DEDUP_LAYERS, strict=True):
+        if isinstance(kind, FullAttention):
+            layers.append(
+                {
+                    "kind": "full",
+                    "block_bytes": kind.block_bytes,
+                    "nbytes": n_blocks * kind.block_bytes,
+                }
+            )
+        else:
+            layers.append(
+                {"kind": "linear", "state_bytes": kind.state_bytes, "nbytes": kind.state_bytes}
+            )
+        assert layers[-1]["nbytes"] == spec.nbytes
+    manifest.check(DEDUP_LAYERS, len(tokens), DEDUP_CHUNK)
+    skips = []
+    for blocks, states in ((2, 1), (1, 0), (0, 1), (0, 0)):
+        skip = skipped_chunks(layout, DEDUP_LAYERS, DEDUP_CHUNK, blocks, bool(states))
+        skips.append(
+            {
+                "blocks": blocks,
+                "states": states,
+                "skipped": sorted(i for c in skip.values() for i in c),
+            }
+        )
+    return [
+        {
+            "name": "dedup_tiny_hybrid",
+            "kind": "dedup",
+            "description": "The prefix key chain of a tiny hybrid model (xxh3-128, seed "
+            f"{PREFIX_SEED:#x}): hex = the namespace bytes (the root's input); the block "
+            "geometry, the OPEN extra.dedup manifest (frame open_dedup) and which chunks "
+            "each HAVE answer skips",
+            "hex": ns.hex(),
+            "fields": {
+                "manifest": manifest.to_extra(),
+                "token_ids": list(tokens),
+                "namespace": ns.decode(),
+                "root": root.hex(),
+                "key_inputs": [b.hex() for b in inputs],
+                "keys": [k.hex() for k in keys],
+                "full_prefix_input": state_input.hex(),
+                "full_prefix_key": state_key.hex(),
+                "layers": layers,
+                "chunk_size": DEDUP_CHUNK,
+                "chunk_starts": chunk_table(DEDUP_LAYERS, DEDUP_CHUNK),
+                "open": "open_dedup",
+                "skips": skips,
+            },
+        }
+    ]
+
+
 def errors() -> list[dict[str, Any]]:
     hello = MAGIC + HELLO_PEER.encode()
     open_body = Open(1, "r", (LayerSpec("uint8", (16,), 16),), 8).encode()[8:]
     open_fixed = open_body[:36]
     good = ChunkMeta(1, 0, 0, 0, 8, chunk_checksum(b"\x00" * 8))
-    small = Limits(max_frame=1024 + 64, max_chunk=1024, max_transfers=1, initial_window=8)
+    small = Limits(max_frame=1024 + 64, max_chunk=8, max_transfers=1, initial_window=8)
+    hello_codecs = MAGIC + HELLO_CODECS.encode()
+    open64 = Open(1, "r", (LayerSpec("uint8", (64,), 64),), 64).encode()
+    zraw = ZSTD_RAW[:64]
+    zdata = coded(zraw, CODEC_ZSTD)
+    zsum = chunk_checksum(zraw)
     return [
         error_case(
             "bad_magic",
@@ -319,6 +519,60 @@ def errors() -> list[dict[str, Any]]:
             "HELLO offering versions 2..3 only",
         ),
         error_case(
+            "unknown_auth_method",
+            MAGIC + Hello(ROLE_PEER, "prefill-a", auth_method=1, auth=b"token").encode(),
+            ErrorCode.AUTH_FAILED,
+            "HELLO with auth_method 1: version 1 knows only 0 (none), so GOAWAY AUTH_FAILED",
+        ),
+        error_case(
+            "open_before_hello_ack",
+            hello + frame_header(FrameType.OPEN, len(open_body)) + open_body,
+            ErrorCode.PROTOCOL_ERROR,
+            "Before HELLO_ACK (the acceptor has not answered: accept false) only PING may follow "
+            "HELLO",
+            accept=False,
+        ),
+        error_case(
+            "subscribe_on_peer",
+            hello + Subscribe("req-42", 0).encode(),
+            ErrorCode.PROTOCOL_ERROR,
+            "SUBSCRIBE (an engine frame) on a peer connection (role rules, SPEC §4.1)",
+        ),
+        error_case(
+            "complete_from_sender",
+            hello + Complete(1, 16, 0).encode(),
+            ErrorCode.PROTOCOL_ERROR,
+            "COMPLETE from a peer connection's initiator, the sender of its transfers (§4.1)",
+        ),
+        error_case(
+            "have_from_sender",
+            hello + Have(1, 0, False).encode(),
+            ErrorCode.PROTOCOL_ERROR,
+            "HAVE from a peer connection's initiator, the sender of its transfers (§4.1)",
+        ),
+        error_case(
+            "layer_ready_from_engine",
+            MAGIC + Hello(ROLE_ENGINE, "engine-7").encode() + LayerReady(1, 0, 0, 0).encode(),
+            ErrorCode.PROTOCOL_ERROR,
+            "LAYER_READY (daemon -> engine only) sent by an engine (§4.1)",
+        ),
+        error_case(
+            "open_names_peer_on_peer",
+            hello
+            + Open(1, "r", (LayerSpec("uint8", (16,), 16),), 8, peer="decode-b:7100").encode(),
+            ErrorCode.PROTOCOL_ERROR,
+            "An OPEN naming meta.peer on a peer connection: only an engine's OPEN names one (§4.1)",
+        ),
+        error_case(
+            "shm_chunk_before_attach",
+            MAGIC
+            + Hello(ROLE_ENGINE, "engine-7", capabilities=CAP_SHM).encode()
+            + Open(7, "r", (LayerSpec("uint8", (8,), 8),), 8, peer="decode-b:7100").encode()
+            + ShmChunk(ChunkMeta(7, 0, 0, 0, 8, chunk_checksum(bytes(8))), 0).encode(),
+            ErrorCode.PROTOCOL_ERROR,
+            "SHM_CHUNK from an engine that never sent SHM_ATTACH (§4.1, §9.2)",
+        ),
+        error_case(
             "chunk_before_open",
             hello + Chunk(good, b"\x00" * 8).encode(),
             ErrorCode.UNKNOWN_TRANSFER,
@@ -344,12 +598,44 @@ def errors() -> list[dict[str, Any]]:
             "initial_window 8: the second 8-byte chunk exceeds the credit",
             limits=small,
         ),
+        error_case(
+            "chunk_checksum_mismatch",
+            hello
+            + frame_header(FrameType.OPEN, len(open_body))
+            + open_body
+            + Chunk(dataclasses.replace(good, checksum=good.checksum ^ 1), b"\x00" * 8).encode(),
+            ErrorCode.CHECKSUM_MISMATCH,
+            "A raw chunk whose bytes do not match its xxh3-64: the harness's checksum step "
+            "(the application's check, SPEC §14) fails it",
+        ),
+        error_case(
+            "chunk_zstd_checksum_mismatch",
+            hello_codecs
+            + open64
+            + Chunk(ChunkMeta(1, 0, 0, 0, 64, zsum ^ 1, CODEC_ZSTD), zdata).encode(),
+            ErrorCode.CHECKSUM_MISMATCH,
+            "A zstd chunk that decodes, but not to bytes matching its checksum",
+        ),
+        error_case(
+            "chunk_zstd_corrupt",
+            hello_codecs
+            + open64
+            + Chunk(ChunkMeta(1, 0, 0, 0, 64, zsum, CODEC_ZSTD), b"not a zstd frame").encode(),
+            ErrorCode.MALFORMED_FRAME,
+            "A zstd chunk whose data is not a zstd frame: the codec's error code",
+        ),
+        error_case(
+            "chunk_codec_not_negotiated",
+            hello + open64 + Chunk(ChunkMeta(1, 0, 0, 0, 64, zsum, CODEC_ZSTD), zdata).encode(),
+            ErrorCode.UNSUPPORTED_CODEC,
+            "A zstd chunk on a connection without CAP_CODECS (its HELLO offered none)",
+        ),
     ]
 
 
 def build() -> dict[str, dict[str, Any]]:
     """Every case by file name; the order of keys inside each case is fixed."""
-    cases = frames() + streams() + digests() + errors()
+    cases = frames() + streams() + digests() + dedups() + errors()
     names = [case["name"] for case in cases]
     assert len(set(names)) == len(names), "duplicate vector names"
     return {f"{case['name']}.json": case for case in cases}
