@@ -60,6 +60,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
 def build_parser() -> argparse.ArgumentParser:
     from ..bench.run import add_bench_parser
+    from ..conformance.command import add_conformance_parser
     from ..plan.command import add_plan_parser, add_simulate_parser
     from ..router.command import add_route_parser
     from .demo import add_demo_parser
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_route_parser(sub)
     add_demo_parser(sub)
     add_layout_parser(sub)
+    add_conformance_parser(sub)
     return parser
 
 
