@@ -30,6 +30,7 @@ from ..protocol import (
     End,
     ErrorCode,
     Have,
+    LocalProtocolError,
     Open,
     chunk_checksum,
     digest_of_checksums,
@@ -227,12 +228,20 @@ class OutgoingTransfer:
             )
             return
         self.link.transfers[self.id] = self
-        for stripe, conn in enumerate(conns):
-            conn.send(
-                dataclasses.replace(
-                    self.opened, transfer_id=self.id, n_stripes=len(conns), stripe=stripe, peer=""
+        try:
+            for stripe, conn in enumerate(conns):
+                conn.send(
+                    dataclasses.replace(
+                        self.opened,
+                        transfer_id=self.id,
+                        n_stripes=len(conns),
+                        stripe=stripe,
+                        peer="",
+                    )
                 )
-            )
+        except LocalProtocolError as exc:  # e.g. the link already carries max_transfers
+            self.fail(exc.code, f"cannot open on the link to {self.opened.peer}: {exc.message}")
+            return
         await self._negotiate_dedup(conns)
         if self.done.done():
             return
@@ -353,4 +362,8 @@ class OutgoingTransfer:
                     item[2]()
         if self.link is not None:
             self.link.transfers.pop(self.id, None)
+            # The peer answers on one stripe only (SPEC §7.4): every other stripe's core
+            # must stop counting this transfer too, or aborts would use up max_transfers.
+            for conn in self.link.conns:
+                conn.conn.forget(self.id)
         self.ctx.on_finished(self)
