@@ -173,3 +173,4 @@ async def test_the_decode_engine_sees_the_senders_priority(
         async with receiving.receive("prio", timeout=10) as receiver:
             await receiver.all()
             assert receiver.priority == 1
+            assert receiver._tid >= 1 << 63  # a delivery's id never collides with a put's

@@ -36,6 +36,7 @@ from .outgoing import OutgoingTransfer
 log = logging.getLogger("kvship.engine")
 
 StartSend = Callable[[FramedProtocol, Open], OutgoingTransfer]
+DELIVERY_ID_BASE = 1 << 63  # deliveries' transfer ids; engines keep theirs below it
 
 
 class EngineSession:
@@ -58,7 +59,10 @@ class EngineSession:
         self.arena = EngineArena()
         self.sends: dict[int, OutgoingTransfer] = {}
         self.subs: dict[int, Subscription] = {}
-        self._tids = itertools.count(1)  # ids of this daemon's deliveries on the connection
+        # Ids of this daemon's deliveries on the connection: top bit set, so they never
+        # collide with the engine's own transfer ids (SPEC §9.3) on a connection that
+        # carries both.
+        self._tids = itertools.count(DELIVERY_ID_BASE + 1)
 
     def handshaken(self, conn: FramedProtocol) -> None:
         self.arena.negotiated(conn)
