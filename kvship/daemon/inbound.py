@@ -73,20 +73,7 @@ class PeerInbox:
         peer = proto.conn.negotiated.peer_name
         if self.registry.arriving(frame.request_id) is not None:
             message = f"request {frame.request_id!r} is already arriving"
-            log.warning(
-                "incoming transfer from %s refused: %s",
-                peer,
-                message,
-                extra=transfer_fields(
-                    frame.transfer_id,
-                    frame.request_id,
-                    peer,
-                    direction="in",
-                    code=ErrorCode.PROTOCOL_ERROR.name,
-                    cause=f"duplicate request {peer}",
-                ),
-            )
-            proto.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, message))
+            self._refuse(proto, frame, ErrorCode.PROTOCOL_ERROR, message, "duplicate request")
             return
         limit = self.ctx.budget.limit
         big = next((i for i, spec in enumerate(frame.layers) if spec.nbytes > limit), None)
@@ -95,20 +82,7 @@ class PeerInbox:
                 f"layer {big} is {frame.layers[big].nbytes} B, above this daemon's "
                 f"staging_bytes ({limit} B): raise staging_bytes on the receiving daemon"
             )
-            log.warning(
-                "incoming transfer from %s refused: %s",
-                peer,
-                message,
-                extra=transfer_fields(
-                    frame.transfer_id,
-                    frame.request_id,
-                    peer,
-                    direction="in",
-                    code=ErrorCode.TRANSFER_TOO_LARGE.name,
-                    cause=f"too large {peer}",
-                ),
-            )
-            proto.send(Abort(frame.transfer_id, ErrorCode.TRANSFER_TOO_LARGE, message))
+            self._refuse(proto, frame, ErrorCode.TRANSFER_TOO_LARGE, message, "too large")
             return
         transfer = IncomingTransfer(self.ctx, frame, peer)
         self.registry.add_incoming(transfer)
@@ -124,6 +98,27 @@ class PeerInbox:
         transfer.add_stripe(proto, frame)
         if "dedup" in frame.extra and proto.conn.negotiated.capabilities & CAP_DEDUP:
             transfer.start_dedup(proto)
+
+    def _refuse(
+        self, proto: FramedProtocol, frame: Open, code: ErrorCode, message: str, cause: str
+    ) -> None:
+        """ABORT an OPEN this daemon will not take (the connection stays), logged once per
+        cause and peer."""
+        peer = proto.conn.negotiated.peer_name
+        log.warning(
+            "incoming transfer from %s refused: %s",
+            peer,
+            message,
+            extra=transfer_fields(
+                frame.transfer_id,
+                frame.request_id,
+                peer,
+                direction="in",
+                code=code.name,
+                cause=f"{cause} {peer}",
+            ),
+        )
+        proto.send(Abort(frame.transfer_id, code, message))
 
     def on_close(self, proto: FramedProtocol, error: BaseException | None) -> None:
         for transfer in list(self.registry.incoming.values()):
