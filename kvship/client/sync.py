@@ -8,7 +8,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -57,7 +57,25 @@ class _Loop:
             self.loop.close()
 
 
-class SyncSender:
+class _ClosedByWith:
+    """``with obj:`` closes it on the way out, however the block ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SyncSender(_ClosedByWith):
     """Blocking :class:`~kvship.client.Sender`; ``with`` it to abort it unless finished."""
 
     def __init__(self, loop: _Loop, sender: Sender) -> None:
@@ -78,20 +96,13 @@ class SyncSender:
     def result(self) -> SendResult | None:
         return self._sender.result
 
-    def __enter__(self) -> SyncSender:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Abort the transfer unless it finished (what leaving ``with`` does)."""
         if self._sender.result is None and not self._loop.closed:
             self.abort()
 
 
-class SyncReceiver:
+class SyncReceiver(_ClosedByWith):
     """Blocking :class:`~kvship.client.Receiver`: iterate it for ``(layer, array)``, each
     array a copy you own. ``with`` it (or :meth:`close`) to release its connection."""
 
@@ -135,23 +146,12 @@ class SyncReceiver:
         if not self._loop.closed:
             self._loop.run(self._receiver.aclose())
 
-    def __enter__(self) -> SyncReceiver:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 async def _anext(agen: AsyncIterator[Layer]) -> Layer:
     return await agen.__anext__()
 
 
-class SyncClient:
+class SyncClient(_ClosedByWith):
     """Blocking wrapper of :class:`Client` (same arguments and calls); runs its own event
     loop in a daemon thread.
 
@@ -202,17 +202,6 @@ class SyncClient:
         with contextlib.suppress(KvshipError):
             self._loop.run(_drain_tasks(), CLOSE_TIMEOUT)
         self._loop.stop()
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 async def _drain_tasks() -> None:
