@@ -174,3 +174,46 @@ async def test_the_decode_engine_sees_the_senders_priority(
             await receiver.all()
             assert receiver.priority == 1
             assert receiver._tid >= 1 << 63  # a delivery's id never collides with a put's
+
+
+async def test_subscribes_beyond_max_transfers_are_refused(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """Each SUBSCRIBE becomes a delivery, a transfer on the engine connection: past
+    max_transfers waiting ones the daemon answers ABORT(0, TOO_MANY_TRANSFERS) (SPEC §9.3)
+    instead of failing inside the delivery; the connection stays usable."""
+    from conftest import RawPeer
+    from kvship.protocol import (
+        MAGIC,
+        ROLE_ENGINE,
+        Abort,
+        ErrorCode,
+        FrameType,
+        Hello,
+        Ping,
+        Subscribe,
+    )
+
+    _, b = pair
+    peer = await RawPeer.connect(b.addresses["engine"])
+    try:
+        await peer.send(MAGIC + Hello(ROLE_ENGINE, "greedy-engine").encode())
+        frame = await peer.read_frame()
+        assert frame is not None and frame[0] == FrameType.HELLO_ACK
+        limit = 64  # the daemon's default max_transfers_per_connection
+        await peer.send(
+            b"".join(Subscribe(f"never-{i}", 60_000).encode() for i in range(limit + 1))
+        )
+        await peer.send(Ping(7).encode())
+        while True:
+            frame = await peer.read_frame()
+            assert frame is not None, "the daemon closed the connection"
+            if frame[0] == FrameType.ABORT:
+                abort = Abort.decode(memoryview(frame[1]))
+                break
+        assert (abort.transfer_id, abort.code) == (0, int(ErrorCode.TOO_MANY_TRANSFERS))
+        while (frame := await peer.read_frame()) is not None and frame[0] != FrameType.PONG:
+            pass
+        assert frame is not None  # still served
+    finally:
+        peer.close()

@@ -149,6 +149,11 @@ class EngineSession:
         send.done.add_done_callback(lambda _: self.sends.pop(tid, None))
 
     def _on_subscribe(self, conn: FramedProtocol, frame: Subscribe) -> None:
+        limit = conn.conn.limits.max_transfers
+        if len(self.subs) >= limit:  # each delivery is a transfer on this connection
+            message = f"{len(self.subs)} deliveries already wait on this connection (max {limit})"
+            conn.send(Abort(0, ErrorCode.TOO_MANY_TRANSFERS, message))
+            return
         tid = next(self._tids)
         sub = Subscription(self.arena, conn, tid, frame, self._claim, self._subscribe_timeout_s)
         self.subs[tid] = sub
