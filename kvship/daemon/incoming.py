@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from ..protocol import (
     TransferDigest,
     chunk_checksum,
     chunk_table,
-    digest_of_checksums,
 )
 from ..store import StoreError
 from .budget import StagingBudget
@@ -94,10 +92,9 @@ class IncomingTransfer:
         self.stripe_conns: dict[int, FramedProtocol] = {}
         self.ends: dict[int, End] = {}
         self.digest = TransferDigest(opened.n_chunks)
-        # Each chunk's checksum as delivered: the wire's, and for chunks filled in from the
-        # block store (dedup) the checksum of the filled bytes, so the engine's digest
-        # covers what it got (SPEC §8), never the peer link's 0 slots.
-        self.checksums = array("Q", bytes(8 * opened.n_chunks))
+        # Checksums of the chunks filled in from the block store (dedup), so the engine's
+        # digest covers what it got (SPEC §8), never the peer link's 0 slots.
+        self.filled_checksums: dict[int, int] = {}
         self.pending = [self.starts[i + 1] - self.starts[i] for i in range(len(self.layers))]
         # The arena region reserved for each layer in the claiming engine's arena. Chunks
         # that arrive before a region could be reserved wait in daemon memory (``held``) and
@@ -272,7 +269,6 @@ class IncomingTransfer:
         metrics = self.ctx.metrics
         self.last_activity = time.monotonic()
         self.digest.add(meta.chunk_index, meta.checksum)
-        self.checksums[meta.chunk_index] = meta.checksum
         if in_arena:
             conn.grant(wire)
         else:
@@ -379,11 +375,12 @@ class IncomingTransfer:
         size, first, nbytes = self.opened.chunk_size, self.starts[layer], len(view)
         for index in held.skip.get(layer, ()):
             offset = (index - first) * size
-            self.checksums[index] = chunk_checksum(view[offset : min(offset + size, nbytes)])
+            chunk = view[offset : min(offset + size, nbytes)]
+            self.filled_checksums[index] = chunk_checksum(chunk)
 
     def delivery_digest(self) -> int:
         """The digest the engine gets: over every chunk's checksum as delivered."""
-        return digest_of_checksums(list(self.checksums))
+        return self.digest.value(self.filled_checksums)
 
     def layer_delivered(self, layer: int) -> None:
         """The engine has ``layer``: its daemon-memory chunks are freed."""

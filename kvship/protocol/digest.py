@@ -9,6 +9,7 @@ without ever holding the transfer's bytes, and it still covers every byte.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 
 import xxhash
 
@@ -46,10 +47,18 @@ class TransferDigest:
         struct.pack_into(">Q", self._checksums, 8 * chunk_index, checksum)
         self._missing -= 1
 
-    def value(self) -> int:
+    def value(self, replaced: Mapping[int, int] | None = None) -> int:
+        """The digest; ``replaced`` gives other checksums for some chunks (a receiving
+        daemon's deduplicated delivery: the real checksums of the chunks it filled in from
+        its store, where the peer hop counted 0)."""
         if self._missing:
             raise RuntimeError(f"{self._missing} chunks still missing")
-        return _xxh3(self._checksums)
+        if not replaced:
+            return _xxh3(self._checksums)
+        checksums = bytearray(self._checksums)
+        for index, checksum in replaced.items():
+            struct.pack_into(">Q", checksums, 8 * index, checksum)
+        return _xxh3(checksums)
 
 
 def digest_of_checksums(checksums: list[int]) -> int:
