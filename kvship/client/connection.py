@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..aio import FramedProtocol, open_connection
 from ..errors import DaemonConnectionLost, DaemonUnavailable, KvshipError, TransferError
@@ -29,7 +29,7 @@ from ..protocol import (
     ShmAttach,
     ShmAttached,
 )
-from ..staging import Arena, RingAllocator, pin, unpin
+from ..staging import Arena, RingAllocator, StagingCopy, pin, unpin
 
 DEFAULT_SOCKET = "/run/kvship/kvshipd.sock"
 
@@ -93,6 +93,9 @@ class EngineConnection:
         self.arena: Arena | None = None
         self.allocator: RingAllocator | None = None
         self.pinned = False
+        # Copies into or out of the arena still running: it stays mapped until they end.
+        self.copies: set[StagingCopy] = set()
+        self._retiring: asyncio.Task[None] | None = None
         # Frames for the consumer; None marks the end of the connection.
         self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.failure: BaseException | None = None  # set when the transfer was aborted
@@ -250,19 +253,27 @@ class EngineConnection:
             raise self.lost()
         return item
 
-    async def allocate(self, nbytes: int) -> int:
-        """An arena region, waiting for the daemon to release space when full."""
+    async def allocate(self, lengths: Sequence[int]) -> int:
+        """Arena regions of ``lengths`` bytes back to back (the offset of the first),
+        waiting for the daemon to release space when the ring has no room for them."""
         assert self.allocator is not None
         while True:
             if self.failure is not None:
                 raise self.failure.with_traceback(None)
-            offset = self.allocator.allocate(nbytes)
+            offset = self.allocator.allocate_run(lengths)
             if offset is not None:
                 return offset
             if not self.is_open or self._goaway is not None:
                 raise self.lost()
             self.space.clear()
             await self.space.wait()
+
+    def track(self, copy: StagingCopy) -> StagingCopy:
+        """Keep the arena mapped until ``copy`` (which reads or writes it) is over."""
+        self.copies = {running for running in self.copies if not running.done()}
+        if not copy.done():
+            self.copies.add(copy)
+        return copy
 
     def next_tid(self) -> int:
         """A transfer id not used before on this connection (connections are reused)."""
@@ -303,15 +314,34 @@ class EngineConnection:
         self.space.set()
         if self.proto is not None:
             self.proto.close()
+        running = [copy for copy in self.copies if not copy.done()]
+        self.copies.clear()
+        if running:  # a DMA into unmapped (or unpinned) memory is undefined: wait for it
+            self._retiring = asyncio.ensure_future(self._retire_arena(running))
+        else:
+            self._unmap_arena()
+        if self.forget is not None:
+            forget, self.forget = self.forget, None
+            forget(self)
+
+    async def _retire_arena(self, running: list[StagingCopy]) -> None:
+        for copy in running:
+            with contextlib.suppress(Exception):  # a failed copy touches nothing more
+                await copy.wait()
+        self._unmap_arena()
+
+    def _unmap_arena(self) -> None:
         if self.arena is not None:
             if self.pinned:
                 with contextlib.suppress(Exception):
                     unpin(self.arena.buffer)
                 self.pinned = False
             self.arena.close()
-        if self.forget is not None:
-            forget, self.forget = self.forget, None
-            forget(self)
+
+    async def closed(self) -> None:
+        """Wait until the arena is unmapped (after the copies it still had running)."""
+        if self._retiring is not None:
+            await asyncio.shield(self._retiring)
 
 
 def _code_name(code: int) -> str:

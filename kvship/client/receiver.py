@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,14 +20,17 @@ from ..protocol import (
     Complete,
     ErrorCode,
     LayerReady,
+    LayerSpec,
     Open,
     Release,
     chunk_checksum,
     chunk_table,
 )
+from ..staging import StagingCopy, copy_in
 from .connection import EngineConnection
 
 Layer = tuple[int, np.ndarray[Any, np.dtype[Any]]]
+Targets = Sequence[Any] | Callable[[int, LayerSpec], Any]
 
 
 class Receiver:
@@ -64,6 +68,8 @@ class Receiver:
         self._inline: dict[int, np.ndarray[Any, np.dtype[np.uint8]]] = {}
         self._pending = [self._starts[i + 1] - self._starts[i] for i in range(len(self.layout))]
         self._held: tuple[int, int] | None = None  # arena region of the last yielded layer
+        self._held_copy: StagingCopy | None = None  # the copy still reading it, if any
+        self._releasing: set[asyncio.Task[None]] = set()
         # Inline chunks read straight into their layer's array; those that arrived before
         # this Receiver existed (it needs the layout) sit in spare buffers and get copied.
         self._direct: set[int] = set()
@@ -89,9 +95,25 @@ class Receiver:
         return buf.data
 
     def _release_held(self) -> None:
-        if self._held is not None:
-            held, self._held = self._held, None
+        """The last layer's arena region goes back to the daemon: now, or once the copy
+        out of it has ended (a DMA may still read it)."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        copy, self._held_copy = self._held_copy, None
+        if copy is None or copy.done():
             self._conn.send(Release(*held))
+            return
+        task = asyncio.create_task(self._release_after(copy, held))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_after(self, copy: StagingCopy, held: tuple[int, int]) -> None:
+        with contextlib.suppress(Exception):  # the engine learns of a failed copy itself
+            await copy.wait()
+        if self._conn.is_open:
+            with contextlib.suppress(KvshipError):  # closed meanwhile: the arena goes too
+                self._conn.send(Release(*held))
 
     def _release(self, clean: bool) -> None:
         """The connection goes back to the pool (complete) or is closed (anything else)."""
@@ -99,17 +121,61 @@ class Receiver:
             self._released = True
             self._conn.done(clean=clean)
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the staging arena is page-locked (device copies at full PCIe speed)."""
+        return self._conn.pinned
+
     def layers(self, copy: bool = False) -> AsyncIterator[Layer]:
         """The layers as they arrive: ``(layer index, array)``; see the class docstring."""
+        return self._iterate(self._layers(copy))
+
+    def to_device(
+        self, targets: Targets, *, stream: Any = None, background: bool = False
+    ) -> AsyncIterator[tuple[int, StagingCopy]]:
+        """The layers as they arrive, each copied into its target: ``targets[layer]``, or
+        ``targets(layer, spec)`` if callable; a CuPy array, a torch CUDA tensor (anything
+        with the CUDA array interface or DLPack) or a numpy array, contiguous and of the
+        layer's size in bytes.
+
+        Yields ``(layer, copy)`` once the host->device copy is queued (asynchronous, on
+        kvship's CUDA stream, after the work queued so far on ``stream``); read the
+        target after the copy is done: ``await copy.wait()``, or on the GPU
+        ``stream.wait_event(copy.event)``. The layer's arena region goes back to the
+        daemon when its copy ends, not before. ``background=True``: copies into numpy
+        targets run in a worker thread, off the event loop (the same rules hold)."""
+        return self._iterate(self._device_layers(targets, stream, background))
+
+    def _iterate(self, gen: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
         if self._released:
             raise KvshipError(f"the receiver of {self.request_id!r} is done (iterate it once)")
         if self._iter is not None and self._iter() is not None:
             raise KvshipError(f"the receiver of {self.request_id!r} is already being iterated")
-        gen = self._layers(copy)
         self._iter = weakref.ref(gen)
         return gen
 
     async def _layers(self, copy: bool) -> AsyncGenerator[Layer, None]:
+        async for layer, view in self._arrivals():
+            array = as_array(view, self.layout[layer])
+            yield layer, (array.copy() if copy else array)
+
+    async def _device_layers(
+        self, targets: Targets, stream: Any, background: bool
+    ) -> AsyncGenerator[tuple[int, StagingCopy], None]:
+        async for layer, view in self._arrivals():
+            spec = self.layout[layer]
+            target = targets(layer, spec) if callable(targets) else targets[layer]
+            pinned = self._conn.pinned and self._held is not None  # arena, not inline
+            copied = self._conn.track(
+                copy_in(view, target, pinned=pinned, stream=stream, background=background)
+            )
+            if self._held is not None:
+                self._held_copy = copied
+            yield layer, copied
+
+    async def _arrivals(self) -> AsyncGenerator[tuple[int, memoryview], None]:
+        """Each layer's bytes as it completes: the arena region (held until the caller
+        asks for the next) or the inline buffer."""
         delivered = 0
         try:
             while True:
@@ -122,9 +188,8 @@ class Receiver:
                         ErrorCode.PROTOCOL_ERROR, f"bad frame from kvshipd: {exc}"
                     ) from exc
                 if item is not None:
-                    layer, array = item
                     delivered += 1
-                    yield layer, (array.copy() if copy else array)
+                    yield item
                 elif isinstance(frame, Complete):
                     if delivered != len(self.layout):
                         raise error_for(ErrorCode.PROTOCOL_ERROR, "COMPLETE before every layer")
@@ -137,17 +202,19 @@ class Receiver:
             # else (error, abandoned iteration): it goes, with whatever was in flight.
             self._release(clean=self.complete)
 
-    def _on_frame(self, frame: object) -> Layer | None:
-        """The layer ``frame`` completes, if it does."""
+    def _on_frame(self, frame: object) -> tuple[int, memoryview] | None:
+        """The layer ``frame`` completes, and its bytes, if it does."""
         if isinstance(frame, LayerReady):
-            spec = self.layout[frame.layer]
+            spec = self.layout[frame.layer]  # IndexError: a layer OPEN did not announce
+            if frame.nbytes != spec.nbytes:
+                raise ValueError(f"layer {frame.layer} is {spec.nbytes} B, not {frame.nbytes}")
             if frame.nbytes:
                 assert self._conn.arena is not None
                 view = self._conn.arena.view(frame.arena_offset, frame.nbytes)
                 self._held = (frame.arena_offset, frame.nbytes)
             else:
                 view = memoryview(b"")
-            return frame.layer, as_array(view, spec)
+            return frame.layer, view
         if isinstance(frame, Chunk):
             if chunk_checksum(frame.data) != frame.meta.checksum:
                 raise IntegrityError(ErrorCode.CHECKSUM_MISMATCH, "inline chunk corrupted")
@@ -161,7 +228,7 @@ class Receiver:
             self._pending[layer] -= 1
             if self._pending[layer] == 0:
                 raw = self._inline.pop(layer)
-                return layer, as_array(raw.data, self.layout[layer])
+                return layer, raw.data
         return None
 
     def __aiter__(self) -> AsyncIterator[Layer]:

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import numpy as np
-
 from ..errors import KvshipError, TransferError, error_for
 from ..layout import spec_of, storage_dtype
 from ..protocol import (
@@ -27,8 +25,9 @@ from ..protocol import (
     chunk_table,
     digest_of_checksums,
 )
-from ..staging import copy_to_host, is_device_array
+from ..staging import DeviceBuffer, Source, StagingCopy, copy_out, source_of
 from .connection import EngineConnection
+from .outbox import Outbox, StagedGroup
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ class Sender:
         self._starts = chunk_table(self.layout, self.chunk_bytes)
         self._checksums = [0] * self._starts[-1]
         self._put = [False] * len(self.layout)
+        self._outbox = Outbox(self._send_group, self._copy_failed)
         self._started = time.perf_counter()
         self._ended = False  # END sent
         self._released = False  # the connection went back to the pool or was closed
@@ -137,17 +137,37 @@ class Sender:
             self._released = True
             if not clean:
                 self._outcome.cancel()
+                self._outbox.cancel()
             self._conn.done(clean)
 
     # ------------------------------------------------------------- sending
-    async def put(self, layer: int, array: Any) -> None:
-        """Stage layer ``layer`` (numpy, or CuPy on a GPU) and hand it to the daemon.
+    @property
+    def pinned(self) -> bool:
+        """Whether the staging arena is page-locked (device copies at full PCIe speed)."""
+        return self._conn.pinned
 
-        Returns once the bytes are staged (copied into the shared arena, or written to
-        the socket), not when they reach the far side; it waits only when the staging
-        area is full, which bounds the engine's memory. A layer whose dtype numpy lacks
-        (bfloat16 without ml_dtypes) may be given as its same-width unsigned stand-in
-        (uint16 for bf16: :func:`kvship.layout.storage_dtype`).
+    async def put(
+        self, layer: int, array: Any, *, stream: Any = None, background: bool = False
+    ) -> StagingCopy:
+        """Stage layer ``layer`` and hand it to the daemon; returns the copy's handle.
+
+        A GPU array (CuPy, a torch CUDA tensor, anything with the CUDA array interface or
+        DLPack) leaves by one asynchronous copy into the pinned arena, on kvship's own
+        CUDA stream, after the work queued so far on ``stream`` (default: CuPy's current
+        stream; for torch pass ``torch.cuda.current_stream()``). ``put`` returns once the
+        copy is queued; its chunks go to the daemon as it ends. The array must stay
+        unchanged until the returned copy is done: ``copy.done()``, ``await
+        copy.wait()``, or, on the GPU, ``stream.wait_event(copy.event)``.
+
+        A host array (numpy) is copied before ``put`` returns, so it may be reused at
+        once; with ``background=True`` the copy runs in a worker thread instead (the GPU
+        rule holds then). A layer whose dtype numpy lacks (bfloat16 without ml_dtypes)
+        may be given as its same-width unsigned stand-in (uint16 for bf16:
+        :func:`kvship.layout.storage_dtype`).
+
+        ``put`` waits only when the staging area is full, which bounds the engine's
+        memory: the arena (``Client(arena_bytes=...)``) should hold the layers an engine
+        wants in flight at once.
         """
         self._check_failed()
         if self.result is not None:
@@ -163,46 +183,75 @@ class Sender:
                 f"layer {layer} is {got.dtype} {got.shape} ({got.nbytes} B), the layout says "
                 f"{expect.dtype} {expect.shape} ({expect.nbytes} B)"
             )
+        source = source_of(array)
         self._put[layer] = True
         try:
             if self._conn.allocator is not None:
-                await self._put_shm(layer, array)
-            else:
-                await self._put_inline(layer, array)
+                return await self._put_shm(layer, source, stream, background)
+            return await self._put_inline(layer, source)
         except (KvshipError, OSError) as exc:  # OSError: a last guard, the conn maps them
             raise self._failed(exc) from exc
 
     def _chunks(self, layer: int) -> range:
         return range(self._starts[layer], self._starts[layer + 1])
 
-    async def _put_shm(self, layer: int, array: Any) -> None:
+    def _lengths(self, layer: int) -> list[int]:
+        nbytes, size = self.layout[layer].nbytes, self.chunk_bytes
+        return [min(size, nbytes - i * size) for i in range(len(self._chunks(layer)))]
+
+    async def _put_shm(
+        self, layer: int, source: Source, stream: Any, background: bool
+    ) -> StagingCopy:
+        """Stage the layer in groups of chunks, one copy each: one chunk per group for a
+        copy made now (the daemon starts on the first chunk while the next is copied),
+        as many as half the arena holds for a copy that runs on (from a GPU: one DMA)."""
+        conn = self._conn
+        assert conn.arena is not None and conn.allocator is not None
+        lengths = self._lengths(layer)
+        later = background or isinstance(source, DeviceBuffer)
+        per_group = max(1, conn.allocator.capacity // 2 // self.chunk_bytes) if later else 1
+        first, offset = self._starts[layer], 0
+        copies = []
+        for start in range(0, len(lengths), per_group):
+            run = tuple(lengths[start : start + per_group])
+            slot = await conn.allocate(run)
+            self._check_failed()  # a copy of an earlier group may have failed meanwhile
+            dst = conn.arena.view(slot, sum(run))
+            copy = conn.track(
+                copy_out(
+                    source, offset, dst, pinned=conn.pinned, stream=stream, background=background
+                )
+            )
+            self._outbox.push(StagedGroup(layer, first + start, offset, slot, run, copy))
+            copies.append(copy)
+            offset += sum(run)
+        return StagingCopy.joined(copies)
+
+    def _send_group(self, group: StagedGroup) -> None:
+        """The outbox's callback: the group's bytes are in the arena; the daemon gets them."""
         conn = self._conn
         assert conn.arena is not None
-        device = is_device_array(array)
-        src = array if device else np.ascontiguousarray(array)
-        flat = src.reshape(-1).view(np.uint8)  # CuPy's reshape makes it contiguous too
-        size = self.chunk_bytes
-        for index in self._chunks(layer):
-            offset = (index - self._starts[layer]) * size
-            length = min(size, self.layout[layer].nbytes - offset)
-            slot = await conn.allocate(length)
-            dst = conn.arena.view(slot, length)
-            if device:  # pragma: no cover - GPU only
-                copy_to_host(flat[offset : offset + length], dst)
-            else:
-                dst[:] = flat[offset : offset + length].data
-            checksum = chunk_checksum(dst)
-            self._checksums[index] = checksum
-            meta = ChunkMeta(self._tid, index, layer, offset, length, checksum)
+        offset, slot = group.offset, group.slot
+        for i, length in enumerate(group.lengths):
+            checksum = chunk_checksum(conn.arena.view(slot, length))
+            self._checksums[group.first + i] = checksum
+            meta = ChunkMeta(self._tid, group.first + i, group.layer, offset, length, checksum)
             conn.send(ShmChunk(meta, slot))
+            offset += length
+            slot += length
 
-    async def _put_inline(self, layer: int, array: Any) -> None:
+    def _copy_failed(self, exc: BaseException) -> None:
+        self._failed(exc)
+
+    async def _put_inline(self, layer: int, source: Source) -> StagingCopy:
+        """No arena (a TCP engine connection): chunks go over the socket from the array
+        itself, or, for a GPU array, from a host copy of it."""
         data: memoryview
-        if is_device_array(array):  # pragma: no cover - GPU only
-            data = memoryview(bytearray(self.layout[layer].nbytes))
-            copy_to_host(array, data)
+        if isinstance(source, DeviceBuffer):
+            data = memoryview(bytearray(source.nbytes))
+            await copy_out(source, 0, data, pinned=False).wait()
         else:
-            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+            data = source.data
         size = self.chunk_bytes
         for index in self._chunks(layer):
             offset = (index - self._starts[layer]) * size
@@ -211,6 +260,7 @@ class Sender:
             self._checksums[index] = checksum
             meta = ChunkMeta(self._tid, index, layer, offset, len(piece), checksum)
             await self._conn.send_chunk(meta, piece)
+        return StagingCopy(len(data))
 
     async def finish(self, timeout: float | None = None) -> SendResult:
         """Wait until the far daemon holds every byte (COMPLETE), or raise why it failed.
@@ -223,6 +273,10 @@ class Sender:
         missing = [i for i, done in enumerate(self._put) if not done]
         if missing:
             raise KvshipError(f"finish() before layers {missing[:8]} were put")
+        try:
+            await self._outbox.drain()  # every chunk at the daemon, its checksum known
+        except BaseException as exc:
+            raise self._failed(exc) from exc
         digest = digest_of_checksums(self._checksums)
         try:
             if not self._ended:

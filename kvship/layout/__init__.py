@@ -48,13 +48,16 @@ def layer_spec(dtype: Any, shape: Sequence[int]) -> LayerSpec:
 
 
 def spec_of(array: Any) -> LayerSpec:
-    """Spec of a numpy or CuPy array (anything with .dtype and .shape).
+    """Spec of a numpy or CuPy array, or a torch tensor (anything with .dtype and .shape).
 
     It names numpy's dtype: a bf16 layer held as its uint16 stand-in (see
     :func:`storage_dtype`) is "uint16" here; build the layout with
     ``layer_spec("bfloat16", shape)`` to keep the label (``Sender.put`` takes the
     stand-in for such a layer)."""
-    return layer_spec(array.dtype, array.shape)
+    dtype = array.dtype
+    if _numpy_dtype(dtype) is None and not isinstance(dtype, str):
+        dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
+    return layer_spec(dtype, array.shape)
 
 
 def layout_of(arrays: Sequence[Any]) -> tuple[LayerSpec, ...]:

@@ -1,15 +1,21 @@
 """Staging buffers between engines and daemons: shared-memory arenas, pinning, copies."""
 
 from .arena import Arena, RingAllocator
-from .pinned import HAVE_CUPY, copy_from_host, copy_to_host, is_device_array, pin, unpin
+from .copies import Source, StagingCopy, copy_in, copy_out, source_of
+from .device import HAVE_CUPY, DeviceBuffer, device_buffer
+from .pinned import pin, unpin
 
 __all__ = [
     "HAVE_CUPY",
     "Arena",
+    "DeviceBuffer",
     "RingAllocator",
-    "copy_from_host",
-    "copy_to_host",
-    "is_device_array",
+    "Source",
+    "StagingCopy",
+    "copy_in",
+    "copy_out",
+    "device_buffer",
     "pin",
+    "source_of",
     "unpin",
 ]

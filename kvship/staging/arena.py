@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -128,29 +129,37 @@ class RingAllocator:
 
     def allocate(self, length: int) -> int | None:
         """Offset of a free region of ``length`` bytes, or None when the ring is full."""
-        if not 0 < length <= self.capacity:
-            raise ValueError(f"cannot allocate {length} B from a {self.capacity} B arena")
+        return self.allocate_run((length,))
+
+    def allocate_run(self, lengths: Sequence[int]) -> int | None:
+        """Regions of ``lengths`` bytes back to back, all or none: the offset of the first
+        (None when the ring has no room for them together). Each is released on its own,
+        so one copy can fill a whole layer while its chunks leave one by one."""
+        total = sum(lengths)
+        if not lengths or min(lengths) <= 0 or total > self.capacity:
+            raise ValueError(f"cannot allocate {list(lengths)} B from a {self.capacity} B arena")
+        offset = self._fit(total)
+        if offset is None:
+            return None
+        start = offset
+        for length in lengths:
+            entry = [offset, length, 0]
+            self._live.append(entry)
+            self._by_offset[offset] = entry
+            offset += length
+        self._head = offset
+        self.in_use += total
+        return start
+
+    def _fit(self, length: int) -> int | None:
         if not self._live:
-            offset = 0
-        else:
-            tail, head = self._live[0][0], self._head
-            if head > tail:
-                if self.capacity - head >= length:
-                    offset = head
-                elif tail >= length:
-                    offset = 0
-                else:
-                    return None
-            elif tail - head >= length:
-                offset = head
-            else:
-                return None
-        entry = [offset, length, 0]
-        self._live.append(entry)
-        self._by_offset[offset] = entry
-        self._head = offset + length
-        self.in_use += length
-        return offset
+            return 0
+        tail, head = self._live[0][0], self._head
+        if head > tail:
+            if self.capacity - head >= length:
+                return head
+            return 0 if tail >= length else None
+        return head if tail - head >= length else None
 
     def release(self, offset: int, length: int) -> None:
         entry = self._by_offset.get(offset)

@@ -1,61 +1,44 @@
-"""Page-locking staging memory and device<->host copies, with CuPy when a GPU is present.
+"""Page-locking the staging arena, so device<->arena copies are DMA at full PCIe speed.
 
-Without CuPy (or without a device) everything degrades to numpy: arrays are already on
-the host, so a "device->host copy" is a memcpy into the staging view. The GPU paths are
-real CuPy calls (cudaHostRegister on the arena mapping, ``ndarray.get(out=...)`` and
-``ndarray.set(...)`` through pinned memory) and are tested by the ``gpu``-marked tests.
+Pinning can fail where the memlock limit is low (systemd's ``LimitMEMLOCK``, a
+container's ulimit): staging then goes on in pageable memory, slower but correct, and
+says so once in the log. Without a GPU there is nothing to pin for.
 """
 
 from __future__ import annotations
 
-import ctypes
-from typing import Any
+import logging
 
 import numpy as np
 
-try:  # pragma: no cover - depends on the machine
-    import cupy
+from .device import HAVE_CUPY, cupy
 
-    HAVE_CUPY = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # ImportError, or CUDA present but unusable
-    cupy = None
-    HAVE_CUPY = False
+log = logging.getLogger("kvship.staging")
 
 
-def is_device_array(array: Any) -> bool:
-    return HAVE_CUPY and isinstance(array, cupy.ndarray)
+def _address(buffer: memoryview) -> int:
+    return int(np.frombuffer(buffer, np.uint8).ctypes.data)
 
 
 def pin(buffer: memoryview) -> bool:
-    """Page-lock a host buffer for fast DMA; False when there is no GPU to pin for."""
+    """Page-lock ``buffer`` for DMA: False when there is no GPU, or (with a warning)
+    when the driver refuses, e.g. over the memlock limit."""
     if not HAVE_CUPY:
         return False
-    ptr = ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # pragma: no cover
-    cupy.cuda.runtime.hostRegister(ptr, len(buffer), 0)  # pragma: no cover
-    return True  # pragma: no cover
+    try:  # pragma: no cover - GPU only
+        cupy.cuda.runtime.hostRegister(_address(buffer), len(buffer), 0)
+    except Exception as exc:  # pragma: no cover - GPU only (CUDARuntimeError)
+        log.warning(
+            "cannot page-lock the %d B staging arena (%s); device copies use pageable "
+            "memory, slower: raise the memlock limit (LimitMEMLOCK= in the engine's "
+            "unit, ulimit -l)",
+            len(buffer),
+            exc,
+        )
+        return False
+    return True  # pragma: no cover - GPU only
 
 
 def unpin(buffer: memoryview) -> None:
-    if HAVE_CUPY:  # pragma: no cover
-        ptr = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-        cupy.cuda.runtime.hostUnregister(ptr)
-
-
-def copy_to_host(array: Any, dst: memoryview) -> None:
-    """Copy an array's bytes (numpy, or CuPy on a GPU) into ``dst`` (len == nbytes)."""
-    host = np.frombuffer(dst, dtype=np.uint8)
-    if is_device_array(array):  # pragma: no cover - GPU only
-        flat = cupy.ascontiguousarray(array).reshape(-1).view(cupy.uint8)
-        flat.get(out=host)
-        return
-    src = np.ascontiguousarray(array)
-    host[:] = src.reshape(-1).view(np.uint8)
-
-
-def copy_from_host(src: memoryview, device_array: Any) -> None:
-    """Fill a CuPy (or numpy) array from staged host bytes."""
-    host = np.frombuffer(src, dtype=np.uint8)
-    if is_device_array(device_array):  # pragma: no cover - GPU only
-        device_array.reshape(-1).view(cupy.uint8).set(host)
-        return
-    np.copyto(device_array.reshape(-1).view(np.uint8), host)
+    if HAVE_CUPY:  # pragma: no cover - GPU only
+        cupy.cuda.runtime.hostUnregister(_address(buffer))
