@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench vectors capture clean
+.PHONY: demo test lint bench vectors capture gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/kvship bench --repeat 3 --json
 
+# On a CUDA machine: the gpu tests and tools/bench_gpu.py in their own .venv-gpu (< 5 min);
+# prints one JSON summary last. Without a GPU it stops at once (exit 2).
+gpu-check:
+	bash tools/gpu_check.sh
+
 vectors: $(STAMP)
 	$(BIN)/python tools/make_vectors.py
 
@@ -45,4 +50,4 @@ capture: $(CAPTURE_STAMP)
 	HF_HUB_OFFLINE=1 $(CAPTURE_VENV)/bin/python tools/capture_kv.py $(CAPTURE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CAPTURE_VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(CAPTURE_VENV) .venv-gpu .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -54,6 +54,39 @@ def test_sync_client_round_trip(capped: tuple[DaemonProcess, ...]) -> None:
         assert np.array_equal(array, layers[layer])  # copies: still intact after iteration
 
 
+def test_sync_client_background_puts_and_receive_into_buffers(
+    capped: tuple[DaemonProcess, ...],
+) -> None:
+    """The GPU engine's calls, blocking: puts that return before their copy ends, and a
+    receive into the engine's own buffers (numpy here; CuPy/torch on a GPU)."""
+    a, b = capped
+    layers = [np.arange(50000, dtype=np.float32) * i for i in range(3)]
+    targets = [np.empty_like(layer) for layer in layers]
+    order: list[int] = []
+
+    def receive() -> None:
+        with SyncClient(b.socket_path) as client, client.receive("sync-dev", timeout=20) as rx:
+            for layer, copy in rx.to_device(targets, background=True):
+                copy.wait()
+                assert copy.done() and copy.event is None
+                order.append(layer)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    with (
+        SyncClient(a.socket_path) as client,
+        client.send("sync-dev", layout_of(layers), peer=b.peer) as sender,
+    ):
+        copies = [sender.put(i, layer, background=True) for i, layer in enumerate(layers)]
+        sender.finish(timeout=20)
+        for copy in copies:
+            copy.wait()
+            assert copy.done()
+    thread.join(30)
+    assert not thread.is_alive() and sorted(order) == [0, 1, 2]
+    assert all(np.array_equal(t, w) for t, w in zip(targets, layers, strict=True))
+
+
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 

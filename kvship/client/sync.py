@@ -15,8 +15,9 @@ import numpy as np
 from ..errors import KvshipError, TransferError
 from ..layout.model import ModelLayout
 from ..protocol import ErrorCode, LayerSpec
+from ..staging import StagingCopy
 from .api import Client
-from .receiver import Layer, Receiver
+from .receiver import Layer, Receiver, Targets
 from .sender import Sender, SendResult
 
 T = TypeVar("T")
@@ -83,8 +84,14 @@ class SyncSender(_ClosedByWith):
         self.request_id = sender.request_id
         self.layout = sender.layout
 
-    def put(self, layer: int, array: Any) -> None:
-        self._loop.run(self._sender.put(layer, array))
+    def put(
+        self, layer: int, array: Any, *, stream: Any = None, background: bool = False
+    ) -> SyncCopy:
+        """:meth:`Sender.put`: returns once the copy is queued (GPU, ``background``)."""
+        return SyncCopy(
+            self._loop,
+            self._loop.run(self._sender.put(layer, array, stream=stream, background=background)),
+        )
 
     def finish(self, timeout: float | None = None) -> SendResult:
         return self._loop.run(self._sender.finish(timeout))
@@ -123,7 +130,18 @@ class SyncReceiver(_ClosedByWith):
     def __iter__(self) -> Iterator[Layer]:
         """Layers as they arrive; each array is a copy you own. Stopping early (break)
         closes the transfer's connection."""
-        agen: AsyncIterator[Layer] = self._receiver.layers(copy=True)
+        return self._iterate(self._receiver.layers(copy=True))
+
+    def to_device(
+        self, targets: Targets, *, stream: Any = None, background: bool = False
+    ) -> Iterator[tuple[int, SyncCopy]]:
+        """:meth:`Receiver.to_device`: ``(layer, copy)`` as each copy into its target is
+        queued; ``copy.wait()`` blocks until the target holds the layer."""
+        layers = self._receiver.to_device(targets, stream=stream, background=background)
+        for layer, copy in self._iterate(layers):
+            yield layer, SyncCopy(self._loop, copy)
+
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
         finished = False
         try:
             while True:
@@ -147,8 +165,27 @@ class SyncReceiver(_ClosedByWith):
             self._loop.run(self._receiver.aclose())
 
 
-async def _anext(agen: AsyncIterator[Layer]) -> Layer:
+async def _anext(agen: AsyncIterator[T]) -> T:
     return await agen.__anext__()
+
+
+class SyncCopy:
+    """Blocking :class:`~kvship.staging.StagingCopy`: ``done()``, ``wait()``, ``event``."""
+
+    def __init__(self, loop: _Loop, copy: StagingCopy) -> None:
+        self._loop, self._copy = loop, copy
+        self.nbytes = copy.nbytes
+
+    @property
+    def event(self) -> Any:
+        return self._copy.event
+
+    def done(self) -> bool:
+        return self._copy.done()
+
+    def wait(self) -> None:
+        if not self._copy.done() or self._copy.error() is not None:
+            self._loop.run(self._copy.wait())
 
 
 class SyncClient(_ClosedByWith):
