@@ -40,7 +40,7 @@ class Outbox:
     def __init__(
         self,
         send: Callable[[StagedGroup], None],
-        fail: Callable[[BaseException], None],
+        fail: Callable[[BaseException], object],
     ) -> None:
         self._send = send
         self._fail = fail
@@ -105,5 +105,5 @@ class Outbox:
         """Stop sending (the transfer is over); copies still running are not waited for
         here: the connection keeps its arena until they end."""
         self._groups.clear()
-        if self._task is not None:
+        if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()

@@ -78,7 +78,7 @@ class Sender:
         self._starts = chunk_table(self.layout, self.chunk_bytes)
         self._checksums = [0] * self._starts[-1]
         self._put = [False] * len(self.layout)
-        self._outbox = Outbox(self._send_group, self._copy_failed)
+        self._outbox = Outbox(self._send_group, self._failed)
         self._started = time.perf_counter()
         self._ended = False  # END sent
         self._released = False  # the connection went back to the pool or was closed
@@ -239,9 +239,6 @@ class Sender:
             conn.send(ShmChunk(meta, slot))
             offset += length
             slot += length
-
-    def _copy_failed(self, exc: BaseException) -> None:
-        self._failed(exc)
 
     async def _put_inline(self, layer: int, source: Source) -> StagingCopy:
         """No arena (a TCP engine connection): chunks go over the socket from the array
