@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ..addresses import split_hostport
@@ -45,6 +45,7 @@ class StreamTransport(Protocol):
     def is_closing(self) -> bool: ...
     def close(self) -> None: ...
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None: ...
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
 
 
@@ -69,6 +70,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._send_lock = asyncio.Lock()
         self._pending_grant = 0
         self._grant_scheduled = False
+        # Control frames queued this loop turn, written together (one syscall) at its end
+        # or before anything else is written, so their order on the wire is kept.
+        self._corked: list[bytes] = []
         self.peername: str = "?"
         self.handshake: asyncio.Future[HelloAck | Hello | GoAway] = (
             asyncio.get_running_loop().create_future()
@@ -125,6 +129,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
             self.close()  # SPEC §5.10: the receiver closes on receipt (the core is CLOSED)
 
     def eof_received(self) -> bool:
+        self._flush_corked()  # answers to the last frames leave before the close
         try:
             self.conn.receive_eof()
         except ProtocolError as exc:
@@ -160,14 +165,36 @@ class FramedProtocol(asyncio.BufferedProtocol):
             and not (self.conn.closed)
         )
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def _check_writable(self) -> StreamTransport:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError(f"connection to {self.peername} is closed")
-        self.transport.write(data)
+        return self.transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self._check_writable()
+        if self._corked:
+            transport.writelines([*self._take_corked(), data])
+        else:
+            transport.write(data)
 
     def send(self, frame: Frame) -> None:
-        """Queue a control frame (fire and forget: control frames are small)."""
-        self.write(self.conn.send(frame))
+        """Queue a control frame (fire and forget: control frames are small). Frames sent
+        in one loop turn leave in one write at its end: a burst of RELEASEs or SHM_CHUNKs
+        costs one system call, not one each."""
+        self._check_writable()
+        data = self.conn.send(frame)
+        if not self._corked:
+            asyncio.get_running_loop().call_soon(self._flush_corked)
+        self._corked.append(data)
+
+    def _take_corked(self) -> list[bytes]:
+        corked, self._corked = self._corked, []
+        return corked
+
+    def _flush_corked(self) -> None:
+        if self._corked and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self._take_corked())
+        self._corked.clear()  # the connection is gone: so are they
 
     async def drain(self) -> None:
         """Wait until everything written so far has been handed to the kernel."""
@@ -183,8 +210,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
                     raise ConnectionError(f"connection to {self.peername} closed: {self.error}")
                 self._credit.clear()
                 await self._credit.wait()
-            self.write(self.conn.chunk_header(meta, len(data)))
-            self.write(data)
+            transport = self._check_writable()
+            header = self.conn.chunk_header(meta, len(data))
+            transport.writelines([*self._take_corked(), header, data])  # one writev
             await self.drain()
 
     def grant(self, nbytes: int) -> None:
@@ -216,6 +244,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         log.warning("closing connection %s: %s", self.peername, error)
         goaway = self.conn.close(error)  # CLOSED from now on; b"" if a GOAWAY went out
         if self.transport is not None and not self.transport.is_closing():
+            self._flush_corked()
             if goaway:
                 with contextlib.suppress(Exception):
                     self.transport.write(goaway)
@@ -223,6 +252,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self._flush_corked()  # what was sent before the close still leaves
             self.transport.close()
 
 

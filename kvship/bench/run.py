@@ -87,6 +87,7 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     a.start()
     try:
         b.start()
+        before = {"prefill": a.counters(), "decode": b.counters()}
         request_id = f"bench-{uuid.uuid4().hex[:12]}"
         common = [
             "--request-id",
@@ -119,6 +120,8 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if recv.returncode != 0:
             raise RuntimeError("receiving engine failed")
         got = json.loads(out.decode().strip().splitlines()[-1])
+        daemons = {"prefill": a.counters() - before["prefill"]}
+        daemons["decode"] = b.counters() - before["decode"]
         wire_bytes = a.metric("kvship_wire_sent_bytes")
         staged = b.metric("kvship_chunks_staged")
         rss = {"sender": a.peak_rss_mib(), "receiver": b.peak_rss_mib()}
@@ -139,6 +142,8 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "rss": rss,
         "staged_chunks": int(staged),
         "max_1s_window_bytes": None if sampler is None else sampler.max_window(1.0),
+        "daemons": daemons,
+        "engine_cpu_s": {"send_engine": sent["cpu_s"], "recv_engine": got["cpu_s"]},
     }
 
 
@@ -222,9 +227,41 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "wire_GBps": round(
             statistics.median(r["wire_bytes"] / r["seconds"] for r in runs) / 1e9, 3
         ),
+        "syscalls_per_chunk": _syscalls_per_chunk(runs, -(-opts.bytes // opts.chunk_bytes)),
+        "cpu_s_per_GiB": _cpu_per_gib(runs, opts.bytes),
         "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
         "baseline_runs_GBps": [round(opts.bytes / s / 1e9, 3) for s in baselines],
     }
+
+
+def _syscalls_per_chunk(runs: list[dict[str, Any]], chunks: int) -> dict[str, Any]:
+    """Each daemon's read and write system calls per chunk of payload (medians)."""
+    out: dict[str, Any] = {}
+    for name in ("prefill", "decode"):
+        reads = statistics.median(r["daemons"][name].read_calls for r in runs) / chunks
+        writes = statistics.median(r["daemons"][name].write_calls for r in runs) / chunks
+        out[f"{name}_daemon"] = {
+            "read": round(reads, 2),
+            "write": round(writes, 2),
+            "total": round(reads + writes, 2),
+        }
+    return out
+
+
+def _cpu_per_gib(runs: list[dict[str, Any]], payload: int) -> dict[str, float]:
+    """CPU seconds per GiB of payload for each of the four processes (medians), both
+    daemons together and all four: efficiency the wall clock's noise does not hide."""
+    gib = payload / GIB
+    per = {
+        "send_engine": statistics.median(r["engine_cpu_s"]["send_engine"] for r in runs),
+        "prefill_daemon": statistics.median(r["daemons"]["prefill"].cpu_s for r in runs),
+        "decode_daemon": statistics.median(r["daemons"]["decode"].cpu_s for r in runs),
+        "recv_engine": statistics.median(r["engine_cpu_s"]["recv_engine"] for r in runs),
+    }
+    out = {name: round(value / gib, 3) for name, value in per.items()}
+    out["daemons"] = round((per["prefill_daemon"] + per["decode_daemon"]) / gib, 3)
+    out["total"] = round(sum(per.values()) / gib, 3)
+    return out
 
 
 def _cap_figures(rate: str, goodput_Bps: float, runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,35 @@ from pathlib import Path
 from typing import Any
 
 
+@dataclass(frozen=True)
+class ProcCounters:
+    """A process's CPU time (user + system) and its read-like and write-like system calls
+    (``/proc/PID/io`` ``syscr``/``syscw``: read/readv/pread, write/writev/pwrite), so a
+    benchmark can say what one chunk cost a daemon, whatever the wall clock did."""
+
+    cpu_s: float
+    read_calls: int
+    write_calls: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcCounters:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        return cls(
+            (int(fields[11]) + int(fields[12])) / ticks,  # utime, stime (fields 14, 15)
+            int(io["syscr"]),
+            int(io["syscw"]),
+        )
+
+    def __sub__(self, other: ProcCounters) -> ProcCounters:
+        return ProcCounters(
+            self.cpu_s - other.cpu_s,
+            self.read_calls - other.read_calls,
+            self.write_calls - other.write_calls,
+        )
+
+
 @dataclass
 class DaemonProcess:
     """A kvshipd subprocess; ``addresses`` holds what it bound (peer, engine, control)."""
@@ -98,6 +127,11 @@ class DaemonProcess:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def counters(self) -> ProcCounters:
+        """The process's CPU seconds and read/write system calls so far (/proc)."""
+        assert self.proc is not None
+        return ProcCounters.of(self.proc.pid)
 
     def log_tail(self, n: int = 2000) -> str:
         if self.log_path is None or not self.log_path.exists():
