@@ -100,6 +100,8 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             str(opts.chunk_bytes),
             "--arena-bytes",
             str(opts.arena_bytes),
+            "--local-path",
+            opts.local_path,
         ]
         worker = [sys.executable, "-m", "kvship.bench.workers"]
         recv = subprocess.Popen(
@@ -208,6 +210,7 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "layers": opts.layers,
         "chunk_bytes": opts.chunk_bytes,
         "connections": opts.connections,
+        "local_path": opts.local_path,
         "repeat": opts.repeat,
         "seconds": round(seconds, 4),
         "goodput_GBps": round(goodput, 3),
@@ -291,6 +294,12 @@ def add_bench_parser(sub: Any) -> None:
         help="engine staging arena (shared memory)",
     )
     p.add_argument("--connections", type=int, default=4, help="TCP connections per peer link")
+    p.add_argument(
+        "--local-path",
+        choices=["shm", "socket"],
+        default="shm",
+        help="engine<->daemon hop: the shared arena (default) or bytes over the Unix socket",
+    )
     p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
     p.add_argument(
         "--layer-interval-ms",

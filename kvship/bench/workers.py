@@ -40,7 +40,12 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
         reps = -(-layer_bytes // real.size)
         base = np.tile(real, reps)[:layer_bytes].view(np.float16)
     layout = uniform_layout(args.layers, np.float16, (layer_bytes // 2,))
-    client = Client(args.address, arena_bytes=args.arena_bytes, chunk_bytes=args.chunk_bytes)
+    client = Client(
+        args.address,
+        arena_bytes=args.arena_bytes,
+        chunk_bytes=args.chunk_bytes,
+        use_shm=args.local_path == "shm",
+    )
     # The engine does not hash its layers: the bench's own check runs before the clock.
     digests = [xxhash.xxh3_64_hexdigest(stamp(base, layer).data) for layer in range(args.layers)]
     sender = await client.send(args.request_id, layout, peer=args.peer, token_ids=range(128))
@@ -67,7 +72,11 @@ async def send(args: argparse.Namespace) -> dict[str, object]:
 async def recv(args: argparse.Namespace) -> dict[str, object]:
     # A decode engine knows its model's layer size: its arena is ready before data flows.
     layer_bytes = args.bytes // args.layers
-    client = Client(args.address, receive_arena_bytes=max(3 * layer_bytes, 64 << 20))
+    client = Client(
+        args.address,
+        receive_arena_bytes=max(3 * layer_bytes, 64 << 20),
+        use_shm=args.local_path == "shm",
+    )
     receiver = await client.receive(args.request_id, timeout=120)
     cpu0 = time.process_time()
     digests: dict[int, str] = {}
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arena-bytes", type=int, default=64 << 20)
     parser.add_argument("--layer-interval-ms", type=float, default=0.0)
     parser.add_argument("--data", default="")
+    parser.add_argument("--local-path", choices=["shm", "socket"], default="shm")
     args = parser.parse_args(argv)
     import uvloop
 
