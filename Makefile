@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench vectors capture gpu-check clean
+.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/kvship bench --repeat 3 --json
+
+# kvship against Mooncake's TransferEngine (TCP) in the same run. Mooncake lives in its own
+# venv (.venv-mooncake) and needs libibverbs1 (apt) even for TCP; without them the JSON says so.
+MOONCAKE_VENV := .venv-mooncake
+
+$(MOONCAKE_VENV)/.installed:
+	$(PYTHON) -m venv $(MOONCAKE_VENV)
+	$(MOONCAKE_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		mooncake-transfer-engine-non-cuda==0.3.13.post1 numpy
+	touch $@
+
+bench-mooncake: $(STAMP) $(MOONCAKE_VENV)/.installed
+	$(BIN)/kvship bench --repeat 3 --vs mooncake --mooncake-python $(MOONCAKE_VENV)/bin/python --json
 
 # On a CUDA machine: the gpu tests and tools/bench_gpu.py in their own .venv-gpu (< 5 min);
 # prints one JSON summary last. Without a GPU it stops at once (exit 2).
@@ -50,4 +63,4 @@ capture: $(CAPTURE_STAMP)
 	HF_HUB_OFFLINE=1 $(CAPTURE_VENV)/bin/python tools/capture_kv.py $(CAPTURE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CAPTURE_VENV) .venv-gpu .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(CAPTURE_VENV) .venv-gpu $(MOONCAKE_VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,34 @@ def test_bench_reports_syscalls_and_cpu_per_process(local_path: str) -> None:
     assert cpu.keys() == PROCESSES | {"daemons", "total"}
     assert cpu["total"] == pytest.approx(sum(cpu[p] for p in PROCESSES), abs=0.01)
     assert cpu["daemons"] > 0
+
+
+def _bench(*args: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "kvship.cli.main", "bench", "--bytes", "32MiB", "--layers", "8",
+         "--no-baseline", "--json", *args],
+        capture_output=True, text=True, timeout=180, check=True,
+    )  # fmt: skip
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def test_bench_vs_mooncake_says_why_not_where_it_cannot_run() -> None:
+    """An interpreter without Mooncake: kvship's figures still come, with the reason."""
+    result = _bench("--vs", "mooncake", "--mooncake-python", sys.executable)
+    assert result["digest_match"] is True
+    assert result["mooncake_GBps"] is None and result["ratio_vs_mooncake"] is None
+    assert "cannot import mooncake.engine" in str(result["mooncake_unavailable"])
+
+
+MOONCAKE_PYTHON = Path(__file__).resolve().parent.parent / ".venv-mooncake" / "bin" / "python"
+
+
+@pytest.mark.skipif(not MOONCAKE_PYTHON.exists(), reason="make bench-mooncake makes .venv-mooncake")
+def test_bench_vs_mooncake_ships_the_same_bytes_through_mooncake() -> None:
+    result = _bench("--vs", "mooncake", "--mooncake-python", str(MOONCAKE_PYTHON))
+    if result.get("mooncake_unavailable"):
+        pytest.skip(str(result["mooncake_unavailable"]))
+    assert result["mooncake_bitexact"] is True
+    assert isinstance(result["mooncake_GBps"], float) and result["mooncake_GBps"] > 0
+    assert isinstance(result["ratio_vs_mooncake"], float)

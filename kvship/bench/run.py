@@ -149,6 +149,51 @@ def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+MOONCAKE_WORKER = Path(__file__).with_name("mooncake_worker.py")
+
+
+def mooncake_unavailable(python: str) -> str | None:
+    """Why ``python`` cannot run Mooncake's TransferEngine (None: it can)."""
+    probe = subprocess.run(
+        [python, "-c", "import mooncake.engine"], capture_output=True, text=True, timeout=60
+    )
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+    return f"{python} cannot import mooncake.engine ({last}); make bench-mooncake installs it"
+
+
+def measure_mooncake(opts: argparse.Namespace, python: str) -> dict[str, Any]:
+    """The same bytes through Mooncake's TransferEngine over TCP (P2P handshake, no
+    metadata server), layer by layer in chunks of the same size, memory to memory."""
+    common = ["--bytes", str(opts.bytes)]
+    recv = subprocess.Popen(
+        [python, str(MOONCAKE_WORKER), "recv", *common],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert recv.stdin is not None and recv.stdout is not None
+        target = recv.stdout.readline()
+        if not target:
+            raise RuntimeError("the Mooncake receiver did not start")
+        sent = _run_json(
+            [python, str(MOONCAKE_WORKER), "send", *common, "--layers", str(opts.layers),
+             "--chunk-bytes", str(opts.chunk_bytes), "--target", target],
+            timeout=900,
+        )  # fmt: skip
+        recv.stdin.write("done\n")
+        recv.stdin.flush()
+        got = json.loads(recv.stdout.readline())
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+        recv.wait()
+    return {"seconds": float(sent["seconds"]), "bitexact": got["sha1"] == sent["sha1"]}
+
+
 class WireSampler:
     """Polls the sending daemon's wire-byte counter every 50 ms (a thread, so the bench
     can block on the engines): the busiest 1 s window shows whether the cap ever leaked."""
@@ -187,12 +232,16 @@ class WireSampler:
 def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
     if opts.bytes < opts.layers or opts.bytes % (2 * opts.layers):
         raise ValueError("--bytes must be a multiple of 2 x --layers (fp16 layers)")
-    runs, baselines = [], []
+    runs, baselines, mooncake = [], [], []
+    python = opts.mooncake_python or sys.executable
+    why_not = mooncake_unavailable(python) if opts.vs == "mooncake" else None
     with tempfile.TemporaryDirectory(prefix="kvship-bench-") as tmp:
         workdir = Path(tmp)
-        for i in range(opts.repeat):
+        for i in range(opts.repeat):  # interleaved: every side sees the same machine noise
             if not opts.no_baseline:
                 baselines.append(measure_baseline(opts.bytes, opts.chunk_bytes, workdir))
+            if opts.vs == "mooncake" and why_not is None:
+                mooncake.append(measure_mooncake(opts, python))
             runs.append(measure_kvship(opts, workdir))
             if not opts.json:
                 print(
@@ -232,8 +281,25 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         ),
         "syscalls_per_chunk": _syscalls_per_chunk(runs, -(-opts.bytes // opts.chunk_bytes)),
         "cpu_s_per_GiB": _cpu_per_gib(runs, opts.bytes),
+        **_mooncake_figures(opts, goodput, mooncake, why_not),
         "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
         "baseline_runs_GBps": [round(opts.bytes / s / 1e9, 3) for s in baselines],
+    }
+
+
+def _mooncake_figures(
+    opts: argparse.Namespace, goodput: float, runs: list[dict[str, Any]], why_not: str | None
+) -> dict[str, Any]:
+    if opts.vs != "mooncake":
+        return {}
+    if why_not is not None:
+        return {"mooncake_GBps": None, "ratio_vs_mooncake": None, "mooncake_unavailable": why_not}
+    mooncake = opts.bytes / statistics.median(r["seconds"] for r in runs) / 1e9
+    return {
+        "mooncake_GBps": round(mooncake, 3),
+        "ratio_vs_mooncake": round(goodput / mooncake, 3),
+        "mooncake_bitexact": all(r["bitexact"] for r in runs),
+        "mooncake_runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
     }
 
 
@@ -316,6 +382,16 @@ def add_bench_parser(sub: Any) -> None:
         help="the daemons' chunk compression policy (default auto)",
     )
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument(
+        "--vs",
+        choices=["mooncake"],
+        help="also ship the same bytes through another system in the same run",
+    )
+    p.add_argument(
+        "--mooncake-python",
+        default="",
+        help="an interpreter with mooncake-transfer-engine-non-cuda (default: this one)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     d = p.add_argument_group("dedup workloads (--workload prefix | prefix-pair)")
     d.add_argument(
