@@ -47,6 +47,7 @@ from kvship.protocol import (
     Hello,
     HelloAck,
     Ping,
+    Pong,
     chunk_checksum,
     frame_header,
 )
@@ -201,10 +202,12 @@ async def test_truncated_frame_then_eof(pair: tuple[DaemonProcess, ...]) -> None
 
 
 async def test_corrupt_chunk_is_checksum_mismatch(pair: tuple[DaemonProcess, ...]) -> None:
-    """A CHUNK whose bytes do not match its checksum: GOAWAY CHECKSUM_MISMATCH, and the
-    engine subscribed to that request gets IntegrityError, never a complete transfer."""
+    """A CHUNK whose bytes do not match its checksum: ABORT CHECKSUM_MISMATCH of that
+    transfer only (the connection stays and still serves, SPEC §7.4), counted; the engine
+    subscribed to that request gets IntegrityError, never a complete transfer."""
     b = pair[1]
-    before, mark = error_count(b, "CHECKSUM_MISMATCH"), LogMark.of(b)
+    before, mark = b.metric("kvship_chunks_corrupt"), LogMark.of(b)
+    errors_before = error_count(b, "CHECKSUM_MISMATCH")
     tid, rid = new_tid(), f"corrupt-{secrets.token_hex(4)}"
     layer0, layer1 = secrets.token_bytes(8192), secrets.token_bytes(8192)
 
@@ -222,12 +225,18 @@ async def test_corrupt_chunk_is_checksum_mismatch(pair: tuple[DaemonProcess, ...
                 await peer.send(
                     chunk_frame(tid, 3, 1, 4096, flipped, checksum=chunk_checksum(layer1[4096:]))
                 )  # the checksum of the original bytes, one bit flipped on the wire
-                goaway = await peer.goaway()
+                abort = await _next_of(peer, FrameType.ABORT)
+                assert Abort.decode(memoryview(abort)).code == ErrorCode.CHECKSUM_MISMATCH
+                await peer.send(Ping(7).encode())  # the connection still serves
+                assert Pong.decode(memoryview(await _next_of(peer, FrameType.PONG))).opaque == 7
             finally:
                 peer.close()
-            assert goaway.code == ErrorCode.CHECKSUM_MISMATCH, goaway
-            await check_counted(b, ErrorCode.CHECKSUM_MISMATCH, before)
-            await mark.wait_for_async("CHECKSUM_MISMATCH", peer.local)
+            await wait_for_condition(
+                off_loop(lambda: b.metric("kvship_chunks_corrupt") == before + 1),
+                what="kvship_chunks_corrupt_total to go up by one",
+            )
+            assert error_count(b, "CHECKSUM_MISMATCH") == errors_before  # no connection closed
+            await mark.wait_for_async("CHECKSUM_MISMATCH", rid)
             delivered: list[int] = []
             with pytest.raises(IntegrityError) as info:
                 async for layer, array in receiver.layers(copy=True):
@@ -241,11 +250,22 @@ async def test_corrupt_chunk_is_checksum_mismatch(pair: tuple[DaemonProcess, ...
     await with_good_transfer(pair, hostile())
 
 
+async def _next_of(peer: RawPeer, frame_type: int) -> bytes:
+    """The body of the next frame of ``frame_type`` (CREDITs and others skipped; bounded)."""
+    for _ in range(50):
+        frame = await peer.read_frame()
+        assert frame is not None, f"the connection closed before a {frame_type:#x} frame"
+        if frame[0] == frame_type:
+            return frame[1]
+    raise AssertionError(f"no {frame_type:#x} frame in 50")
+
+
 async def test_corrupt_engine_chunk_aborts_only_that_transfer(
     pair: tuple[DaemonProcess, ...],
 ) -> None:
-    """An engine whose staged bytes do not match its checksum: the prefill daemon ABORTs
-    that transfer (CHECKSUM_MISMATCH) and keeps the peer link, so nothing else fails."""
+    """An engine whose staged bytes do not match its checksum: the prefill daemon forwards
+    them unchecked, the decode daemon fails that transfer alone (CHECKSUM_MISMATCH, relayed
+    to the engine) and the peer link stays, so nothing else fails."""
     a, b = pair
     await good_transfer(a, b)  # the a -> b link is up
 
@@ -254,6 +274,7 @@ async def test_corrupt_engine_chunk_aborts_only_that_transfer(
 
     links_before = links()
     peer_errors_before = error_count(b, "CHECKSUM_MISMATCH")
+    corrupt_before = b.metric("kvship_chunks_corrupt")
     engine = await RawPeer.connect(a.addresses["engine"])
     await engine.send(MAGIC + Hello(ROLE_ENGINE, "bad-engine").encode())
     assert (await engine.read_frame() or (0,))[0] == FrameType.HELLO_ACK
@@ -270,6 +291,7 @@ async def test_corrupt_engine_chunk_aborts_only_that_transfer(
     await good_transfer(a, b)
     assert links() == links_before
     assert error_count(b, "CHECKSUM_MISMATCH") == peer_errors_before
+    assert b.metric("kvship_chunks_corrupt") == corrupt_before + 1
 
 
 async def test_chunk_beyond_credit_is_flow_control(tmp_path: Path) -> None:

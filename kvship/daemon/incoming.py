@@ -234,14 +234,18 @@ class IncomingTransfer:
             spawn(self._decode(conn, meta, data), f"decode-{self.id:x}-{meta.chunk_index}")
             return
         if chunk_checksum(data) != meta.checksum:
-            # The connection's bytes can no longer be trusted: close it (the caller does)
-            # and make sure no half of this transfer is ever delivered.
-            self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {meta.chunk_index} checksum mismatch")
-            raise ProtocolError(
-                ErrorCode.CHECKSUM_MISMATCH,
-                f"transfer {self.id:x} chunk {meta.chunk_index}: checksum mismatch",
-            )
+            self._corrupt(conn, meta, len(data))
+            return
         self._accept(conn, meta, data, in_arena, len(data))
+
+    def _corrupt(self, conn: FramedProtocol, meta: ChunkMeta, wire: int) -> None:
+        """A chunk whose bytes do not match its checksum fails its transfer, never the
+        connection (SPEC §7.4): the frame's length delimited it, so the connection's other
+        transfers are intact, and the bytes may be a corrupt engine's that the sending
+        daemon forwarded unchecked. Nothing of this transfer is ever delivered."""
+        conn.grant(wire)
+        self.ctx.metrics.chunks_corrupt.inc()
+        self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {meta.chunk_index} checksum mismatch")
 
     async def _decode(self, conn: FramedProtocol, meta: ChunkMeta, wire: memoryview) -> None:
         """Decode a coded chunk in a worker, verifying its checksum, then accept it."""
@@ -250,8 +254,11 @@ class IncomingTransfer:
             try:
                 await self.ctx.codecs.decode(meta.codec, wire, meta.raw_length, meta.checksum, out)
             except ProtocolError as exc:
+                if exc.code == ErrorCode.CHECKSUM_MISMATCH:  # decoded, but not to its bytes
+                    self._corrupt(conn, meta, len(wire))
+                    return
                 self.fail(exc.code, f"chunk {meta.chunk_index}: {exc.message}")
-                conn.fail(exc)  # like a raw checksum mismatch: this connection lied
+                conn.fail(exc)  # a coded stream that does not decode: the sender is broken
                 return
         finally:
             self.decoding -= 1

@@ -126,6 +126,12 @@ class Metrics:
             "Received chunks that had to wait in daemon memory (no engine arena room yet)",
             registry=r,
         )
+        self.chunks_corrupt = Counter(
+            "kvship_chunks_corrupt",
+            "Chunks from peers whose bytes did not match their checksum (raw or decoded): "
+            "each failed its transfer, the connection stayed",
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "kvship_protocol_errors",
             "Connections closed because the other side broke the protocol, by error code",

@@ -1,7 +1,7 @@
 """The sending side: one engine's transfer, striped over a peer link's connections.
 
 Chunks come from the engine (in its shared-memory arena, or inline on the socket), are
-verified against the engine's checksum, queued on stripe ``chunk_index % N`` and sent
+queued on stripe ``chunk_index % N`` and sent
 without a copy; each chunk's memory goes back to the engine (RELEASE or CREDIT) as soon
 as the kernel has taken it. The peer answers COMPLETE once it holds every byte.
 """
@@ -32,7 +32,6 @@ from ..protocol import (
     Have,
     LocalProtocolError,
     Open,
-    chunk_checksum,
     digest_of_checksums,
 )
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
@@ -269,12 +268,9 @@ class OutgoingTransfer:
             if meta.chunk_index in self.skip:  # the receiver holds it already
                 release()
                 continue
-            # Verified here, just before the kernel copies it: the read brings the chunk
-            # into cache for the copy. A corrupt engine must not get the link torn down.
-            if chunk_checksum(data) != meta.checksum:
-                release()
-                self.fail(ErrorCode.CHECKSUM_MISMATCH, f"engine chunk {meta.chunk_index}")
-                return
+            # Not verified here: the receiving daemon checks every chunk, and a corrupt
+            # one fails only its transfer there (SPEC §7.4), so a corrupt engine costs
+            # its own transfer, never the link.
             raw_length, wire = len(data), data
             codec = link.codec_for(self.opened.layers[meta.layer].dtype)
             if codec != CODEC_RAW:
