@@ -201,6 +201,8 @@ def test_bench_prefix_pair_reports_its_fields() -> None:
     assert result["second_vs_first"] <= 0.2  # 90 % shared, 4-block chunks at 1024 tokens
     for key in ("first_wire_bytes", "second_wire_bytes", "dedup_saved_bytes"):
         assert result[key] > 0
+    for key in ("first_goodput_GBps", "second_goodput_GBps", "second_vs_first_goodput"):
+        assert result[key] > 0  # payload-equivalent rates beside the byte savings
 
 
 async def test_route_takes_the_local_prefix_from_the_store(

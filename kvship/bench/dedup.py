@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ async def _ship(
 ) -> dict[str, Any]:
     layers = synthetic_kv(model, tokens)
     wire_before = a.metric("kvship_wire_sent_bytes")
+    t0 = time.perf_counter()  # from the OPEN (dedup's HAVE exchange included) to delivery
     receiving = asyncio.create_task(_receive(Client(b.socket_path), rid))
     sender = await Client(a.socket_path).send(
         rid, layout_of(layers), peer=b.peer, token_ids=tokens.tolist(), model=model
@@ -59,14 +61,22 @@ async def _ship(
         await sender.put(i, layer)
     await sender.finish(timeout=300)
     got = await asyncio.wait_for(receiving, 300)
+    seconds = time.perf_counter() - t0
     exact = all(np.array_equal(g, w) for g, w in zip(got, layers, strict=True))
     record = b.get_json(f"/v1/transfers/{rid}")
     return {
         "payload_bytes": sum(x.nbytes for x in layers),
         "wire_bytes": int(a.metric("kvship_wire_sent_bytes") - wire_before),
         "skipped_bytes": int(record["skipped_bytes"]),
+        "seconds": seconds,
         "digest_match": exact,
     }
+
+
+def _goodput(run: dict[str, Any]) -> float:
+    """Payload-equivalent GB/s: the request's KV bytes (store-filled ones included) over
+    the time it took to have them all at the decode engine."""
+    return round(run["payload_bytes"] / run["seconds"] / 1e9, 3)
 
 
 async def _receive(client: Client, rid: str) -> list[np.ndarray]:
@@ -114,6 +124,9 @@ async def _run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "first_wire_bytes": one["wire_bytes"],
                     "second_wire_bytes": two["wire_bytes"],
                     "second_vs_first": round(two["wire_bytes"] / one["wire_bytes"], 4),
+                    "first_goodput_GBps": _goodput(one),
+                    "second_goodput_GBps": _goodput(two),
+                    "second_vs_first_goodput": round(_goodput(two) / _goodput(one), 3),
                     "payload_bytes": one["payload_bytes"] + two["payload_bytes"],
                     "dedup_saved_bytes": two["skipped_bytes"],
                     "digest_match": one["digest_match"] and two["digest_match"],
@@ -133,6 +146,7 @@ async def _run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "dedup_saved_bytes": saved,
                 # Share of the requests' KV bytes the receiver took from its store.
                 "store_hit_ratio": round(saved / payload, 4),
+                "goodput_GBps": round(payload / sum(r["seconds"] for r in runs) / 1e9, 3),
                 "digest_match": all(r["digest_match"] for r in runs),
             }
         finally:
