@@ -513,6 +513,8 @@ def test_zero_copy_read_buffer_path() -> None:
         buf[:n] = stream[pos : pos + n]
         pos += n
         events.extend(server.buffer_updated(n))
+        while server.pending:
+            events.extend(server.next_frames())
     assert [type(e).__name__ for e in events] == ["Open", "ReceivedChunk", "Ping"]
     assert bytes(events[1].data) == b"12345678"
 
@@ -558,3 +560,70 @@ def test_transfer_digest_duplicates_and_range() -> None:
 def test_checksum_is_xxh3_64_seed_0() -> None:
     assert chunk_checksum(b"") == 0x2D06800538D394C2
     assert chunk_checksum(memoryview(b"abc")) == chunk_checksum(bytearray(b"abc"))
+
+
+# ------------------------------------------------------------- bulk reads
+def _read(conn: Connection, data: bytes) -> list[list[object]]:
+    """One read of ``data`` through read_buffer (a real socket read), then the frames
+    handed over step by step: the list of each step's frames."""
+    buf = conn.read_buffer()
+    assert len(buf) >= len(data)
+    buf[: len(data)] = data
+    steps = [conn.buffer_updated(len(data))]
+    while conn.pending:
+        steps.append(conn.next_frames())
+    return steps
+
+
+def test_one_read_of_many_frames_hands_them_over_one_at_a_time() -> None:
+    """A burst of small frames costs one read; each frame is handed over before the bytes
+    after it are parsed, as if it had come alone."""
+    _, server = pair()
+    stream = b"".join(Ping(i).encode() for i in range(5)) + layout(8).encode()
+    steps = _read(server, stream)
+    assert [[type(f).__name__ for f in step] for step in steps] == [["Ping"]] * 5 + [["Open"]]
+    assert [f.opaque for step in steps[:5] for f in step] == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
+
+
+def test_read_buffer_refuses_while_bytes_are_pending() -> None:
+    _, server = pair()
+    buf = server.read_buffer()
+    data = Ping(1).encode() + Ping(2).encode()
+    buf[: len(data)] = data
+    assert [type(f) for f in server.buffer_updated(len(data))] == [Ping]
+    assert server.pending
+    with pytest.raises(RuntimeError, match="pending"):
+        server.read_buffer()
+    with pytest.raises(RuntimeError, match="pending"):
+        server.receive_data(b"")
+    assert [type(f) for f in server.next_frames()] == [Ping] and not server.pending
+
+
+def test_frames_before_garbage_in_the_same_read_come_first() -> None:
+    """A valid frame and then bytes that break the protocol in one read: the frame is
+    handed over, and only the next step raises (the error after it, as bytewise)."""
+    _, server = pair()
+    buf = server.read_buffer()
+    data = Ping(7).encode() + frame_header(0x55, 0) + b"junk"
+    buf[: len(data)] = data
+    assert [type(f) for f in server.buffer_updated(len(data))] == [Ping]
+    with pytest.raises(ProtocolError) as info:
+        server.next_frames()
+    assert info.value.code == ErrorCode.UNKNOWN_FRAME and server.closed and not server.pending
+
+
+def test_a_chunk_read_in_bulk_continues_into_its_sink() -> None:
+    """The header, meta and first data bytes of a chunk arrive in one bulk read (copied
+    to the sink); the rest of its data is read straight into the sink."""
+    _, server = pair()
+    _read(server, layout(8).encode())
+    sink = bytearray(8)
+    server.payload_sink = lambda meta, n: (memoryview(sink), "tag")
+    frame = chunk(1, 0, 0, 0, b"ABCDEFGH")
+    assert _read(server, frame[:-3]) == [[]]  # 5 data bytes in the bulk read
+    rest = server.read_buffer()
+    assert len(rest) == 3  # the sink's remaining bytes, not the bulk buffer
+    rest[:3] = frame[-3:]
+    (received,) = server.buffer_updated(3)
+    assert isinstance(received, ReceivedChunk) and bytes(received.data) == b"ABCDEFGH"
+    assert received.tag == "tag" and bytes(sink) == b"ABCDEFGH"

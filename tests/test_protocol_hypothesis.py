@@ -173,6 +173,8 @@ def feed_zero_copy(conn: Connection, data: bytes, step: int) -> list[Any]:
         buf[:n] = data[pos : pos + n]
         pos += n
         events += conn.buffer_updated(n)
+        while conn.pending:  # a bulk read may hold several frames: one at a time
+            events += conn.next_frames()
     return events
 
 

@@ -1,10 +1,12 @@
 """FramedProtocol: an asyncio BufferedProtocol that feeds a sans-IO Connection.
 
-Receiving: ``get_buffer`` returns the Connection's ``read_buffer()``, so the kernel
-copies bytes straight to where they belong (a chunk's data into its arena slot).
-Sending: chunk data is written from the caller's memoryview without a copy; uvloop
-keeps a reference until the kernel took it, so :meth:`send_chunk` waits for the write
-buffer to drain before returning, and only then may the caller reuse the memory.
+Receiving: ``get_buffer`` returns the Connection's ``read_buffer()``: a chunk's data goes
+straight to where it belongs (its arena slot); anything else is read in bulk, many small
+frames per system call, and handed to the handler one frame at a time.
+Sending: chunk data is written from the caller's memoryview without a copy (header and
+data in one writev; the control frames of one loop turn in one write); uvloop keeps a
+reference until the kernel took it, so :meth:`send_chunk` waits for the write buffer to
+drain before returning, and only then may the caller reuse the memory.
 """
 
 from __future__ import annotations
@@ -98,20 +100,27 @@ class FramedProtocol(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=0, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.conn.closed:
+        if self.conn.closed or self.conn.pending:
             return memoryview(bytearray(65536))  # discard what arrives after a failure
         return self.conn.read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        """Hand each frame of the read to the handler before the bytes after it are
+        parsed (one read may hold many small frames)."""
         if self.conn.closed:
             return
         try:
             frames = self.conn.buffer_updated(nbytes)
+            while True:
+                for frame in frames:
+                    self._on_frame(frame)
+                if not self.conn.pending or self.conn.closed:
+                    return
+                if self.transport is None or self.transport.is_closing():
+                    return  # closed by a handler: the rest of the read is not wanted
+                frames = self.conn.next_frames()
         except ProtocolError as exc:
             self.fail(exc)
-            return
-        for frame in frames:
-            self._on_frame(frame)
 
     def _on_frame(self, frame: Frame) -> None:
         if isinstance(frame, Credit):
@@ -130,6 +139,8 @@ class FramedProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._flush_corked()  # answers to the last frames leave before the close
+        if self.conn.pending:  # a handler closed it mid-read: the rest is not wanted
+            return False
         try:
             self.conn.receive_eof()
         except ProtocolError as exc:

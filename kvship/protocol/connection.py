@@ -83,6 +83,7 @@ __all__ = [
 
 KIB = 1024
 MIB = 1024 * KIB
+BULK_READ = 64 * KIB  # bytes one read may take outside a chunk's data
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,12 @@ class Connection:
         self._scratch = memoryview(bytearray(ChunkMeta.FIXED.size))
         self._buf: memoryview = self._scratch[: HEADER_SIZE if initiator else len(MAGIC)]
         self._filled = 0
+        # One read takes up to BULK_READ bytes at a frame boundary (or inside a small
+        # field), so a burst of small frames costs one system call; a chunk's data still
+        # goes straight to its sink. Bytes of such a read not parsed yet are pending.
+        self._bulk = memoryview(bytearray(BULK_READ))
+        self._bulk_handed = False
+        self._pending: memoryview | None = None
         self._frame_type = 0
         self._frame_flags = 0
         self._body_length = 0
@@ -653,13 +660,56 @@ class Connection:
 
     # -------------------------------------------------------------- receiving
     def read_buffer(self) -> memoryview:
-        """Where the next received bytes go; at most the rest of the current field."""
+        """Where the next received bytes go: the rest of a chunk's data in its sink, else
+        a bulk buffer that may take many small frames at once (then call
+        :meth:`buffer_updated`, and :meth:`next_frames` while :attr:`pending`)."""
         if self._state is State.CLOSED:
             raise RuntimeError("connection is closed")
-        return self._buf[self._filled :]
+        if self._pending is not None:
+            raise RuntimeError("bytes of the last read are pending: call next_frames() first")
+        if self._read == _Read.CHUNK_DATA:
+            self._bulk_handed = False
+            return self._buf[self._filled :]
+        self._bulk_handed = True
+        return self._bulk
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
-        """``nbytes`` were written into :meth:`read_buffer`; returns the completed frames."""
+        """``nbytes`` were written into :meth:`read_buffer`; returns the first frame they
+        complete (as a list: empty while none is complete). Frames are handed over one at
+        a time so that a caller acts on each (answers a HELLO, registers an OPEN) before
+        the bytes after it are parsed, as if each had arrived alone."""
+        if not self._bulk_handed:
+            return self._field_updated(nbytes)
+        self._bulk_handed = False
+        if nbytes:
+            self._pending = self._bulk[:nbytes]
+        return self.next_frames()
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of the last read wait to be parsed (:meth:`next_frames`)."""
+        return self._pending is not None
+
+    def next_frames(self) -> list[Frame]:
+        """Parse pending bytes up to the next frame they complete (see buffer_updated)."""
+        src, self._pending = self._pending, None
+        if src is None:
+            return []
+        events: list[Frame] = []
+        pos = 0
+        try:
+            while pos < len(src) and not events and self._state is not State.CLOSED:
+                dst = self._buf[self._filled :]
+                n = min(len(dst), len(src) - pos)
+                dst[:n] = src[pos : pos + n]
+                pos += n
+                events = self._field_updated(n)
+        finally:
+            if pos < len(src) and self._state is not State.CLOSED:
+                self._pending = src[pos:]
+        return events
+
+    def _field_updated(self, nbytes: int) -> list[Frame]:
         self._filled += nbytes
         if self._filled < len(self._buf):
             return []
@@ -672,19 +722,22 @@ class Connection:
         sends nothing after GOAWAY, and trailing garbage must not surface as anything
         but the events before it.
         """
+        if self._pending is not None:
+            raise RuntimeError("bytes of the last read are pending: call next_frames() first")
         src = memoryview(data).cast("B")
         events: list[Frame] = []
         pos = 0
         while pos < len(src) and self._state is not State.CLOSED:
-            dst = self.read_buffer()
+            dst = self._buf[self._filled :]
             n = min(len(dst), len(src) - pos)
             dst[:n] = src[pos : pos + n]
             pos += n
-            events.extend(self.buffer_updated(n))
+            events.extend(self._field_updated(n))
         return events
 
     def receive_eof(self) -> None:
-        """The peer closed its side: fine between frames, an error inside one."""
+        """The peer closed its side: fine between frames, an error inside one (parse the
+        pending bytes first)."""
         at_boundary = self._filled == 0 and self._read in (_Read.HEADER, _Read.PREFACE)
         if self._state is not State.CLOSED and not at_boundary:
             raise self._fail(
