@@ -39,7 +39,7 @@ class StagingCopy:
     device copy (None otherwise), for an engine stream to wait on
     (``stream.wait_event(copy.event)``) without blocking the host."""
 
-    __slots__ = ("_event", "_future", "_keep", "nbytes")
+    __slots__ = ("_event", "_future", "_keep", "_parts", "nbytes")
 
     def __init__(
         self,
@@ -48,11 +48,13 @@ class StagingCopy:
         future: asyncio.Future[None] | None = None,
         event: Any = None,
         keep: Any = None,
+        parts: Sequence[StagingCopy] = (),
     ) -> None:
         self.nbytes = nbytes
         self._future = future
         self._event = event
         self._keep = keep  # the memory the copy reads or writes, alive until it is over
+        self._parts = tuple(parts)
 
     @classmethod
     def joined(cls, copies: Sequence[StagingCopy]) -> StagingCopy:
@@ -60,20 +62,16 @@ class StagingCopy:
         its event is the last one's (device copies of a layer share one stream)."""
         if len(copies) == 1:
             return copies[0]
-        nbytes = sum(copy.nbytes for copy in copies)
-        if not copies:
-            return cls(0)
-        if all(copy.done() and copy.error() is None for copy in copies):
-            return cls(nbytes, event=copies[-1].event)
-        future = asyncio.ensure_future(_wait_all(copies))
-        future.add_done_callback(_retrieve)
-        return cls(nbytes, future=future, event=copies[-1].event)
+        event = copies[-1].event if copies else None
+        return cls(sum(copy.nbytes for copy in copies), event=event, parts=copies)
 
     @property
     def event(self) -> Any:
         return self._event
 
     def done(self) -> bool:
+        if self._parts:
+            return all(part.done() for part in self._parts)
         if self._future is not None:
             return self._future.done()
         if self._event is not None:
@@ -82,28 +80,25 @@ class StagingCopy:
 
     def error(self) -> BaseException | None:
         """What a copy that is over raised, if anything."""
+        for part in self._parts:
+            error = part.error()
+            if error is not None:
+                return error
         future = self._future
         if future is None or not future.done():
             return None
         return asyncio.CancelledError() if future.cancelled() else future.exception()
 
     async def wait(self) -> None:
+        for part in self._parts:
+            await part.wait()
         if self._future is not None:
             await asyncio.shield(self._future)  # a running copy cannot be called off
-        elif self._event is not None and not self._event.done:  # pragma: no cover - GPU
-            await asyncio.get_running_loop().run_in_executor(_thread(), self._event.synchronize)
+        elif self._event is not None and not self._parts and not self._event.done:
+            await asyncio.get_running_loop().run_in_executor(  # pragma: no cover - GPU
+                _thread(), self._event.synchronize
+            )
         self._keep = None
-
-
-async def _wait_all(copies: Sequence[StagingCopy]) -> None:
-    for copy in copies:
-        await copy.wait()
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """Nobody may ask a joined copy how it ended: mark its error retrieved."""
-    if not future.cancelled():
-        future.exception()
 
 
 def source_of(array: Any) -> Source:
