@@ -695,19 +695,24 @@ class Connection:
         src, self._pending = self._pending, None
         if src is None:
             return []
+        events, used = self._feed(src, one_frame=True)
+        if used < len(src) and self._state is not State.CLOSED:
+            self._pending = src[used:]
+        return events
+
+    def _feed(self, src: memoryview, *, one_frame: bool = False) -> tuple[list[Frame], int]:
+        """Copy ``src`` into the field buffers, field by field, until it is used up (or,
+        ``one_frame``, until a frame completes) or the connection closed: the frames and
+        how many bytes were used."""
         events: list[Frame] = []
         pos = 0
-        try:
-            while pos < len(src) and not events and self._state is not State.CLOSED:
-                dst = self._buf[self._filled :]
-                n = min(len(dst), len(src) - pos)
-                dst[:n] = src[pos : pos + n]
-                pos += n
-                events = self._field_updated(n)
-        finally:
-            if pos < len(src) and self._state is not State.CLOSED:
-                self._pending = src[pos:]
-        return events
+        while pos < len(src) and self._state is not State.CLOSED and not (one_frame and events):
+            dst = self._buf[self._filled :]
+            n = min(len(dst), len(src) - pos)
+            dst[:n] = src[pos : pos + n]
+            pos += n
+            events.extend(self._field_updated(n))
+        return events, pos
 
     def _field_updated(self, nbytes: int) -> list[Frame]:
         self._filled += nbytes
@@ -724,15 +729,7 @@ class Connection:
         """
         if self._pending is not None:
             raise RuntimeError("bytes of the last read are pending: call next_frames() first")
-        src = memoryview(data).cast("B")
-        events: list[Frame] = []
-        pos = 0
-        while pos < len(src) and self._state is not State.CLOSED:
-            dst = self._buf[self._filled :]
-            n = min(len(dst), len(src) - pos)
-            dst[:n] = src[pos : pos + n]
-            pos += n
-            events.extend(self._field_updated(n))
+        events, _ = self._feed(memoryview(data).cast("B"))
         return events
 
     def receive_eof(self) -> None:
