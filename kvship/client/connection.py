@@ -95,7 +95,7 @@ class EngineConnection:
         self.pinned = False
         # Copies into or out of the arena still running: it stays mapped until they end.
         self.copies: set[StagingCopy] = set()
-        self._retiring: asyncio.Task[None] | None = None
+        self._retiring: asyncio.Future[None] | None = None  # held: unmaps after them
         # Frames for the consumer; None marks the end of the connection.
         self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.failure: BaseException | None = None  # set when the transfer was aborted
@@ -337,11 +337,6 @@ class EngineConnection:
                     unpin(self.arena.buffer)
                 self.pinned = False
             self.arena.close()
-
-    async def closed(self) -> None:
-        """Wait until the arena is unmapped (after the copies it still had running)."""
-        if self._retiring is not None:
-            await asyncio.shield(self._retiring)
 
 
 def _code_name(code: int) -> str:
