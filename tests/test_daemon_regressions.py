@@ -18,9 +18,11 @@ from conftest import good_transfer, running_pair
 from kvship import Client
 from kvship.aio.lag import LoopLag
 from kvship.bench.spawn import DaemonProcess
+from kvship.errors import TransferError
 from kvship.layout import layout_of
 from kvship.layout.model import FullAttention, ModelLayout
 from kvship.layout.prefix import block_keys
+from kvship.protocol import ErrorCode
 
 LAG_BOUND_S = 0.25  # no event-loop stall may reach this (the planner build took ~0.4 s)
 
@@ -217,3 +219,31 @@ async def test_subscribes_beyond_max_transfers_are_refused(
         assert frame is not None  # still served
     finally:
         peer.close()
+
+
+async def test_an_engine_that_leaves_mid_delivery_cancels_the_transfer_cleanly(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """An engine that closes its connection after the layout (a vLLM consumer refusing a
+    layout mismatch does) unmaps its arena; delivering the next layer used to write into
+    the released mapping: a ValueError traceback and INTERNAL_ERROR back to the sender.
+    Now it is the engine going away: CANCELLED, no traceback, the daemon serves on."""
+    a, b = pair
+    layers = [np.full(64 * 1024, i, np.uint8) for i in range(6)]
+    async with Client(a.socket_path) as sending, Client(b.socket_path) as receiving:
+        receiving_task = asyncio.create_task(receiving.receive("left-mid-delivery", timeout=10))
+        await asyncio.sleep(0.2)  # subscribed first, as the consumer engine is
+        sender = await sending.send("left-mid-delivery", layout_of(layers), peer=b.peer)
+        await sender.put(0, layers[0])
+        receiver = await receiving_task
+        await receiver.aclose()  # the engine leaves after the layout arrived
+        with pytest.raises(TransferError) as caught:
+            for i, layer in enumerate(layers[1:], 1):
+                await sender.put(i, layer)
+                await asyncio.sleep(0.05)
+            await sender.finish(timeout=10)
+        assert caught.value.code == ErrorCode.CANCELLED, caught.value
+        await sender.__aexit__(None, None, None)
+        assert "Traceback" not in b.log_tail(20000)
+        assert "released memoryview" not in b.log_tail(20000)
+        await good_transfer(a, b)

@@ -109,8 +109,11 @@ class Subscription:
         return self.allocator.allocate(nbytes)
 
     def view(self, offset: int, length: int) -> memoryview:
-        assert self.arena.arena is not None
-        return self.arena.arena.view(offset, length)
+        arena = self.arena.arena
+        assert arena is not None
+        if not self.conn.is_open:  # its arena is unmapped with it
+            raise ConnectionResetError("the receiving engine went away")
+        return arena.view(offset, length)
 
     def cancel(self) -> None:
         if self.task is not None:
