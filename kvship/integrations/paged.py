@@ -354,9 +354,13 @@ class PagedTransfers:
 
     def prefill_ended(self, key: str) -> None:
         """The engine's step that computed the request's last prompt token returned."""
-        job = self._saves.get(key)
-        if job is not None and job.outcome.prefill_end is None:
-            job.outcome.prefill_end = time.monotonic()
+        now = time.monotonic()
+        with self._lock:  # the save may have ended already (acknowledged, not collected)
+            job = self._saves.get(key)
+            outcomes = [job.outcome] if job else [o for o in self._done_saves if o.key == key]
+        for outcome in outcomes:
+            if outcome.prefill_end is None:
+                outcome.prefill_end = now
 
     def cancel_save(self, key: str, reason: str) -> None:
         """Abort a save whose request went away before its KV was complete."""

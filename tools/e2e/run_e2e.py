@@ -331,6 +331,7 @@ def main() -> int:
         wire: dict[str, int] = {}
         layers_before_end: dict[str, int] = {}
         timelines: dict[str, Any] = {}
+        ttft_parts: dict[str, Any] = {}
         computed_on_decode: dict[str, int] = {}
         for name, ids in asks.items():
             key = f"e2e-{name}"
@@ -351,6 +352,10 @@ def main() -> int:
             # From the producer request's start to the consumer's first token: prefill,
             # transfer, load and the one token the consumer computes.
             ttft_disagg[name] = round(t1 - t0 + (ttft or float("nan")), 4)
+            ttft_parts[name] = {
+                "producer_s": round(t1 - t0, 4),
+                "consumer_first_token_s": None if ttft is None else round(ttft, 4),
+            }
             identical[name] = out["tokens"] == single[name]
             save = event(stats_path, "save", key)
             consume = event(stats_path, "consume", key)
@@ -364,6 +369,7 @@ def main() -> int:
             tokens_identical=bool(identical) and all(identical.values()) and len(identical) == 3,
             tokens_identical_by_prompt=identical,
             ttft_disaggregated_s=ttft_disagg,
+            ttft_disaggregated_parts=ttft_parts,
             ttft_single_s={k: None if v is None else round(v, 4) for k, v in ttft_single.items()},
             wire_bytes=wire,
             second_prompt_wire_bytes=wire.get("long_shared"),
