@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from kvship.integrations.paged import (
 from kvship.layout import uniform_layout
 
 BLOCK, HEADS, DIM, LAYERS, N_BLOCKS = 16, 2, 32, 4, 64
-GEOMETRY = PagedGeometry("paged-test", LAYERS, BLOCK, HEADS, DIM, "float32", (HEADS, BLOCK, 2 * DIM))
+PAGE = (HEADS, BLOCK, 2 * DIM)
+GEOMETRY = PagedGeometry("paged-test", LAYERS, BLOCK, HEADS, DIM, "float32", PAGE)
 
 
 def caches(seed: int | None) -> list[np.ndarray]:
@@ -270,6 +272,6 @@ def test_config_refuses_unknown_keys_and_bad_values(tmp_path: object) -> None:
     log = StatsLog(path)
     log.write("save", {"key": "a"})
     log.write("load", {"key": "b"})
-    lines = open(path).read().splitlines()
+    lines = Path(path).read_text().splitlines()
     assert [line.count('"key"') for line in lines] == [1, 1] and '"event": "load"' in lines[1]
     StatsLog(None).write("save", {"key": "c"})  # no path: nothing, no error

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,7 +85,9 @@ class Engine:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, model: Path, role: str, core: int, workdir: Path) -> None:
+    def start(
+        self, model: Path, role: str, core: int, workdir: Path, extra_args: list[str]
+    ) -> None:
         transfer = {
             "kv_connector": "KvshipConnector",
             "kv_connector_module_path": "kvship.integrations.vllm",
@@ -109,7 +112,7 @@ class Engine:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
             "--seed", "0", "--max-num-seqs", "4",
-            "--kv-transfer-config", json.dumps(transfer),
+            "--kv-transfer-config", json.dumps(transfer), *extra_args,
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -205,6 +208,12 @@ class Engine:
         )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 # ----------------------------------------------------------------------------- checks
 def stats(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
@@ -267,7 +276,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--port", type=int, default=18471, help="producer; consumer is +1")
+    ap.add_argument("--port", type=int, default=0, help="producer's (consumer: +1); 0: free ports")
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -293,21 +302,23 @@ def main() -> int:
     }
     producer = Engine(
         "producer",
-        args.port,
+        args.port or free_port(),
         work / "vllm-producer.log",
         extra={**common, "engine_socket": prefill.socket_path, "peer": decode.peer},
     )
     consumer = Engine(
         "consumer",
-        args.port + 1,
+        args.port + 1 if args.port else free_port(),
         work / "vllm-consumer.log",
         extra={**common, "engine_socket": decode.socket_path},
     )
     report: dict[str, Any] = {"prompt_tokens": {k: len(v) for k, v in asks.items()}}
     failures: list[str] = []
     try:
-        producer.start(args.model, "kv_producer", 0, work)
-        consumer.start(args.model, "kv_consumer", 1, work)
+        # The producer prefills long prompts in chunks of 512 tokens (chunked prefill: the
+        # layers go out in the step that completes the prompt).
+        producer.start(args.model, "kv_producer", 0, work, ["--max-num-batched-tokens", "512"])
+        consumer.start(args.model, "kv_consumer", 1, work, [])
         deadline = time.monotonic() + 300
         producer.wait_ready(deadline)
         consumer.wait_ready(deadline)
