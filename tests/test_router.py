@@ -167,3 +167,32 @@ def test_link_drop_adaptive_beats_fixed_t() -> None:
     assert r["adaptive_vs_optimum"] >= 0.9
     assert r["fixed_vs_optimum"] < r["adaptive_vs_optimum"] - 0.05
     assert out["runs"]["adaptive"]["final_t_tokens"] > out["planner"]["before"]["t_tokens"]
+
+
+def test_the_link_budget_sends_long_requests_local_as_the_cap_falls() -> None:
+    """With a KV size and max_link_wait_s, a long request goes remote only while its KV,
+    behind what the link already queues, fits the bound at the cap in force."""
+    kv_per_token = 50_000.0  # bytes
+    router = Router(1_000, kv_bytes=kv_per_token, max_link_wait_s=3.0)
+    request = RouteRequest(2_000)  # 100 MB of KV
+    fast = LinkView(True, cap_Bps=100e6, queued_bytes=0)
+    assert router.decide(request, fast, RemoteView(0)).target == "remote"  # 1.0 s
+    queued = LinkView(True, cap_Bps=100e6, queued_bytes=250_000_000)  # 3.5 s behind the queue
+    d = router.decide(request, queued, RemoteView(0))
+    assert d.target == "local" and d.reason.startswith("link would queue 3.5 s > 3 s")
+    slow = LinkView(True, cap_Bps=20e6, queued_bytes=0)  # the cap fell: 5 s
+    d = router.decide(request, slow, RemoteView(0))
+    assert d.target == "local" and "cap 20.0 MB/s" in d.reason
+    assert "l=2000 > t=1000" in d.reason  # the length verdict is still shown
+    short = RouteRequest(500)
+    assert router.decide(short, slow, RemoteView(0)).target == "local"
+    assert not router.decide(short, slow, RemoteView(0)).reason.startswith("link would")
+    # Off by default, and no KV size means no budget either.
+    assert Router(1_000, kv_bytes=kv_per_token).decide(request, slow, RemoteView(0)).target == (
+        "remote"
+    )
+    assert Router(1_000, max_link_wait_s=3.0).decide(request, slow, RemoteView(0)).target == (
+        "remote"
+    )
+    with pytest.raises(RouteError, match="max_link_wait_s"):
+        Router(1_000, max_link_wait_s=0)

@@ -16,6 +16,10 @@ Rule (every decision returns its reason):
    f_remote = depth / ``remote_queue_soft`` when the remote queue exceeds the soft limit,
    f = min(``max_backoff`` (2), f_egress · f_remote) (each factor >= 1).
 5. **remote** iff l > t · f, else **local**.
+6. Link budget (``max_link_wait_s``, off by default): a remote verdict turns **local**
+   when the request's KV (``kv_bytes(l)``) behind the link's queued bytes would take longer
+   than the bound at the link's cap ("link would queue ..."); so as the cap falls, fewer
+   long requests go remote and local prefill takes the overflow.
 
 t itself is re-tuned (``retune.EmpiricalPlanner``) from a ring of recent incremental lengths
 at the current link capacity every ``retune_every`` decisions and whenever the capacity moves
@@ -201,6 +205,7 @@ class Router:
         remote_queue_soft: int = 16,
         remote_queue_hard: int = 64,
         max_backoff: float = 2.0,
+        max_link_wait_s: float | None = None,
         window: int = 2048,
         retune_every: int = 256,
         retune_min_samples: int = 256,
@@ -214,6 +219,8 @@ class Router:
             raise RouteError("remote_queue_soft: must be in (0, remote_queue_hard)")
         if max_backoff < 1 or queue_wait_target_s <= 0 or window < 2 or retune_every < 1:
             raise RouteError("max_backoff >= 1, queue_wait_target_s > 0, window >= 2 required")
+        if max_link_wait_s is not None and not max_link_wait_s > 0:
+            raise RouteError(f"max_link_wait_s: must be > 0, got {max_link_wait_s!r}")
         self.threshold_tokens = float(threshold_tokens)
         self.egress_cap_Bps = egress_cap_Bps
         self._kv = kv_bytes
@@ -224,6 +231,7 @@ class Router:
         self.remote_queue_soft = remote_queue_soft
         self.remote_queue_hard = remote_queue_hard
         self.max_backoff = max_backoff
+        self.max_link_wait_s = max_link_wait_s
         self.retune_every = retune_every
         self.retune_min_samples = max(2, min(retune_min_samples, window))
         self.retune_on_cap_change = retune_on_cap_change
@@ -321,11 +329,27 @@ class Router:
             target = LOCAL
             cmp = f"l={length} <= t={t_eff:.0f}"
         reason = f"{cmp} vs {basis}, link {util:.0%} used"
+        wait = self._link_wait(length, link, cap) if target == REMOTE else None
+        if wait is not None and self.max_link_wait_s is not None and wait > self.max_link_wait_s:
+            # The request is long enough for remote, but its KV would wait on the link past
+            # the bound: local prefill takes the overflow, so the link's queue stays bounded.
+            target = LOCAL
+            reason = (
+                f"link would queue {wait:.1f} s > {self.max_link_wait_s:g} s "
+                f"(cap {cap / 1e6:.1f} MB/s, {link.queued_bytes} B queued): prefill locally; "
+                + reason
+            )
         if why:
             reason += f"; back-off x{f:.2f}: " + ", ".join(why)
         if ship_prefix:
             reason += f"; ship remote prefix ({rc} > {lc} cached locally)"
         return Decision(target, reason, length, t, ship_prefix, t_eff, f, util)
+
+    def _link_wait(self, length: int, link: LinkView, cap: float) -> float | None:
+        """Seconds this request's KV would take through the link behind what is queued
+        (None without a KV size)."""
+        kv = self.kv_bytes(length)
+        return None if kv is None else (link.queued_bytes + kv) / cap
 
     def _local(self, l_local: int, reason: str) -> Decision:
         t = self.threshold_tokens
