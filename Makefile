@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e clean
+.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e prfaas-demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,13 @@ $(E2E_MODEL)/config.json: $(E2E_STAMP) tools/e2e/convert_model.py
 
 e2e: $(E2E_MODEL)/config.json
 	$(E2E_VENV)/bin/python tools/e2e/run_e2e.py --model $(E2E_MODEL) --workdir build/e2e/run
+	$(E2E_VENV)/bin/python tools/e2e/prfaas_demo.py --model $(E2E_MODEL) \
+		--workdir build/e2e/prfaas-small --requests 12
+
+# PrfaaS for real (docs/prfaas.md): kvship proxy over a remote prefill vLLM and a local one,
+# two kvshipd, the link cap lowered mid-run; the last line is one JSON summary.
+prfaas-demo: $(E2E_MODEL)/config.json
+	$(E2E_VENV)/bin/python tools/e2e/prfaas_demo.py --model $(E2E_MODEL) --workdir build/e2e/prfaas
 
 vectors: $(STAMP)
 	$(BIN)/python tools/make_vectors.py

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..bench.run import add_bench_parser
     from ..conformance.command import add_conformance_parser
     from ..plan.command import add_plan_parser, add_simulate_parser
+    from ..proxy.command import add_proxy_parser
     from ..router.command import add_route_parser
     from .demo import add_demo_parser
     from .layout import add_layout_parser
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_layout_parser(sub)
     add_conformance_parser(sub)
+    add_proxy_parser(sub)
     return parser
 
 
