@@ -41,6 +41,7 @@ THRESHOLD = 512  # tokens: the scaled-down case-study threshold
 MAX_LINK_WAIT_S = 3.0
 CAP_BEFORE, CAP_AFTER, BURST = "400MB/s", "8MB/s", "2MiB"
 MAX_TOKENS = 8
+RESTORE_LONG = 3  # long prompts sent after the cap is raised again
 SMOLLM2 = PagedGeometry("smollm2", 30, 128, 3, 64, "float32", (3, 128, 128))
 
 
@@ -103,6 +104,16 @@ def workload(tokenizer: Any, n: int, seed: int) -> list[Ask]:
         else:
             text = topics[rng.choice(names)].strip()[: rng.randint(60, 900)]
             asks.append(Ask(i, "short", "/v1/completions", {"prompt": text}, 0))
+    # Phase 3, once the cap is back: long prompts whose KV the local side never received.
+    restore = tokenizer("\n\nQ: In one sentence, what is new here?\nA:")["input_ids"]
+    for k, doc in enumerate(docs[-RESTORE_LONG:]):
+        if k == RESTORE_LONG - 1:  # the last as a chat: the remote path of /v1/chat/completions
+            text = tokenizer.decode(doc) + "\n\nIn one sentence, what is new here?"
+            messages = [{"role": "user", "content": text}]
+            asks.append(Ask(n + k, "long", "/v1/chat/completions", {"messages": messages}, 0))
+        else:
+            body = {"prompt": doc + restore}
+            asks.append(Ask(n + k, "long", "/v1/completions", body, len(doc) + len(restore)))
     for ask in asks:
         ask.body.update(
             model="smollm2", max_tokens=MAX_TOKENS, temperature=0.0, return_token_ids=True
@@ -206,7 +217,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--requests", type=int, default=24, help="in two phases")
+    ap.add_argument("--requests", type=int, default=24, help="in two phases (+3 after)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--concurrency", type=int, default=2)
     args = ap.parse_args()
@@ -305,12 +316,16 @@ def main() -> int:
         time.sleep(0.5)  # the proxy reads the link's figures (every 0.25 s)
 
         watch.start(parse_rate(CAP_BEFORE))
-        half = len(asks) // 2
+        half = args.requests // 2
         run_phase(base, asks[:half], 1, args.concurrency)
         put_cap(remote_d, local_d.peer, CAP_AFTER)  # the link gets 50x narrower
         watch.cap = parse_rate(CAP_AFTER)
         time.sleep(1.0)  # the proxy reads the new figures (every 0.25 s)
-        run_phase(base, asks[half:], 2, args.concurrency)
+        run_phase(base, asks[half : args.requests], 2, args.concurrency)
+        put_cap(remote_d, local_d.peer, CAP_BEFORE)  # and back
+        watch.cap = parse_rate(CAP_BEFORE)
+        time.sleep(1.0)
+        run_phase(base, asks[args.requests :], 3, args.concurrency)
         watch.stop()
 
         baseline(local, asks)
@@ -417,6 +432,7 @@ def summarise(asks: list[Ask], stats_path: Path) -> dict[str, Any]:
         "ttft_n": {k: v["n"] for k, v in ttft.items()},
         "remote_share_before_drop": share(1),
         "remote_share_after_drop": share(2),
+        "remote_share_after_restore": share(3),
         "link_wait_max_s": round(max(waits), 3) if waits else None,
         "link_wait_bound_s": MAX_LINK_WAIT_S,
         "routes": [
@@ -516,6 +532,9 @@ def check(report: dict[str, Any], failures: list[str]) -> None:
     before, after = report.get("remote_share_before_drop"), report.get("remote_share_after_drop")
     if before is None or after is None or not after < before:
         failures.append(f"remote share did not fall: before {before}, after {after}")
+    restored = report.get("remote_share_after_restore")
+    if restored is None or after is None or not restored > after:
+        failures.append(f"remote share did not come back: {after} -> {restored}")
     wait = report.get("link_wait_max_s")
     if wait is not None and wait > MAX_LINK_WAIT_S:
         failures.append(f"a request waited {wait} s on the link (bound {MAX_LINK_WAIT_S} s)")
