@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
+from ..layout import presets
 from ..layout.model import LayoutError, ModelLayout
 from ..layout.presets import preset, preset_names
 from .common import UsageError
@@ -32,17 +32,9 @@ def add_layout_parser(sub: Any) -> None:
 def load_layout(name: str) -> ModelLayout:
     """A preset by name, else a layout file (``.toml`` or ``.json``)."""
     try:
-        if name in preset_names():
-            return preset(name)
-        path = Path(name)
-        if path.suffix in (".toml", ".json") and path.is_file():
-            text = path.read_text()
-            if path.suffix == ".toml":
-                return ModelLayout.from_toml(text)
-            return ModelLayout.from_json(text)
-    except (LayoutError, OSError) as exc:
+        return presets.load_layout(name)
+    except LayoutError as exc:
         raise UsageError(f"bad layout {name!r}: {exc}") from exc
-    raise UsageError(f"no preset or layout file {name!r} (presets: {', '.join(preset_names())})")
 
 
 def cmd_layout_show(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ dense-gqa-8b        32   32 × GQA 8×128     131 072                  0
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .model import FullAttention, LayerKind, LayoutError, LinearState, ModelLayout
 
 BLOCK_TOKENS = 16
@@ -103,3 +105,20 @@ def preset(name: str) -> ModelLayout:
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+def load_layout(name: str) -> ModelLayout:
+    """A preset by name, else a layout file (``.toml`` or ``.json``); LayoutError says
+    which and why."""
+    if name in PRESETS:
+        return preset(name)
+    path = Path(name)
+    if path.suffix in (".toml", ".json") and path.is_file():
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise LayoutError("file", f"cannot read {name!r}: {exc}") from exc
+        if path.suffix == ".toml":
+            return ModelLayout.from_toml(text)
+        return ModelLayout.from_json(text)
+    raise LayoutError("name", f"no preset or layout file {name!r} (presets: {', '.join(PRESETS)})")

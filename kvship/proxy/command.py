@@ -9,12 +9,17 @@ import json
 import logging
 import math
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..addresses import split_hostport
+from ..layout.model import LayoutError, ModelLayout
+from ..layout.presets import load_layout
 from ..ratelimit.rates import RateError, parse_rate
 from .app import ProxySettings, serve
+
+EXIT_USAGE = 2  # as the rest of the kvship command
 
 
 def add_proxy_parser(sub: Any) -> None:
@@ -84,8 +89,6 @@ def add_proxy_parser(sub: Any) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ProxySettings:
-    from ..cli.layout import load_layout
-
     for name in ("link_control", "link_peer", "local_control"):
         value = getattr(args, name)
         if value is not None:
@@ -107,21 +110,27 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         link_control=args.link_control,
         link_peer=args.link_peer,
         local_control=args.local_control,
-        layout=load_layout(args.layout) if args.layout else None,
+        layout=_layout(args.layout) if args.layout else None,
         threshold_tokens=args.threshold_tokens,
         max_link_wait_s=args.max_link_wait_s or None,
         egress_cap_Bps=cap,
     )
 
 
-def cmd_proxy(args: argparse.Namespace) -> int:
-    from ..cli.common import CliError
+def _layout(name: str) -> ModelLayout:
+    try:
+        return load_layout(name)
+    except LayoutError as exc:
+        raise ValueError(f"--layout {name!r}: {exc}") from exc
 
+
+def cmd_proxy(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         host, port = split_hostport(args.listen)
     except ValueError as exc:
-        raise CliError(str(exc)) from exc
+        print(f"kvship proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kvship").setLevel(logging.INFO)  # every routing decision
 
