@@ -227,7 +227,7 @@ def link_table(links: list[dict[str, Any]]) -> str:
     header = ["peer", "conns", "xfers", "cap", "wire/s", "payload/s", "ratio", "queued", "rtt"]
     rows = [
         [
-            lk["peer"],
+            lk["peer"] if lk.get("connected", True) else f"{lk['peer']} (down: {lk.get('why')})",
             str(lk["connections"]),
             str(lk["transfers"]),
             str(lk.get("rate_limit", "?")),

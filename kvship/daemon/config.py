@@ -52,6 +52,12 @@ class Config:
         "Control plane (HTTP): /healthz, /metrics, /v1/transfers, /v1/links, /v1/route, "
         '/v1/lookup. "" = off.',
     )
+    peers: str = _key(
+        "",
+        "Peer daemons (host:port, comma-separated; a TOML list works too) connected at start "
+        "and kept connected, reconnecting with backoff: a request's first transfer to them "
+        "pays no connect, handshake or router warm-up.",
+    )
     connections_per_peer: int = _key(
         4, "TCP connections per destination daemon; chunk i of a transfer goes on i mod N."
     )
@@ -140,6 +146,11 @@ class Config:
             "debug|info|warning|error",
         )
         need(self.log_format in ("plain", "json"), "log_format", "plain|json")
+        for peer in self.peer_list:
+            try:
+                split_hostport(peer)
+            except ValueError:
+                need(False, "peers", f"{peer!r} is not host:port or [v6]:port")
         for key in ("peer_listen", "engine_listen", "control_listen"):
             value = getattr(self, key)
             if value or key == "peer_listen":
@@ -154,12 +165,18 @@ class Config:
         )
         return self
 
+    @property
+    def peer_list(self) -> list[str]:
+        return [p.strip() for p in self.peers.split(",") if p.strip()]
+
 
 _TYPES = {f.name: f.type for f in fields(Config)}
 _CASTS: dict[str, type] = {"str": str, "int": int, "float": float}
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "peers" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # peers = ["a:7470", "b:7470"]
     kind = _CASTS[str(_TYPES[key])]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from typing import Any
 
+from ..aio.tasks import spawn
 from ..ratelimit import TokenBucket, parse_burst, parse_rate
 from .codecpool import CodecPool
 from .config import Config
@@ -14,6 +17,8 @@ from .metrics import Metrics
 from .peers import LinkSettings, PeerLink
 
 log = logging.getLogger("kvship.links")
+
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # a configured peer's reconnect backoff (with jitter)
 
 
 class LinkPool:
@@ -30,6 +35,8 @@ class LinkPool:
         self.peer_limits: dict[str, tuple[float, int]] = {}
         self.links: dict[str, PeerLink] = {}
         self._lock = asyncio.Lock()
+        self.warm_peers: dict[str, str] = {}  # configured peer -> why it is down ("" if up)
+        self._keepers: list[asyncio.Task[None]] = []
 
     async def get(self, address: str) -> PeerLink:
         """The live link to ``address``, connecting it (all its stripes) if needed."""
@@ -49,6 +56,36 @@ class LinkPool:
                 await link.connect()
                 self.links[address] = link
             return link
+
+    def keep_warm(self, addresses: list[str]) -> None:
+        """Connect these peers now and keep them connected (the config's ``peers``)."""
+        for address in addresses:
+            if address not in self.warm_peers:
+                self.warm_peers[address] = "connecting"
+                self._keepers.append(spawn(self._keep(address), f"keepwarm-{address}"))
+
+    async def _keep(self, address: str) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                link = await self.get(address)
+            except Exception as exc:  # any failure to connect: retry, say why once per cause
+                why = f"{type(exc).__name__}: {exc}"
+                if why != self.warm_peers.get(address):
+                    log.warning(
+                        "configured peer %s unreachable (%s): retrying with backoff",
+                        address,
+                        why,
+                        extra={"peer": address, "cause": f"peer down {address}"},
+                    )
+                self.warm_peers[address] = why
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(2 * delay, RETRY_MAX_S)
+                continue
+            self.warm_peers[address] = ""
+            delay = RETRY_MIN_S
+            await link.lost.wait()
+            self.warm_peers[address] = "link lost: reconnecting"
 
     def _forget(self, link: PeerLink) -> None:
         if self.links.get(link.address) is link:
@@ -82,8 +119,27 @@ class LinkPool:
         return None if link is None else link.figures_json()
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [link.figures_json() for link in self.links.values()]
+        """Every live link's figures, and each configured peer that is down (why)."""
+        out = []
+        for address, link in self.links.items():
+            out.append({**link.figures_json(), "configured": address in self.warm_peers})
+        for address, why in self.warm_peers.items():
+            if address not in self.links:
+                out.append(
+                    {
+                        "peer": address,
+                        "at": round(time.time(), 3),
+                        "connected": False,
+                        "connections": 0,
+                        "transfers": 0,
+                        "configured": True,
+                        "why": why,
+                    }
+                )
+        return out
 
     def close(self) -> None:
+        for keeper in self._keepers:
+            keeper.cancel()
         for link in list(self.links.values()):
             link.close()

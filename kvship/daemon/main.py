@@ -33,6 +33,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-socket", dest="engine_socket", help="Unix socket for engines")
     parser.add_argument("--engine-listen", dest="engine_listen", help="host:port for engines")
     parser.add_argument("--control-listen", dest="control_listen", help="host:port, HTTP")
+    parser.add_argument(
+        "--peers", dest="peers", help="peer daemons kept connected: host:port,host:port"
+    )
     parser.add_argument("--connections-per-peer", dest="connections_per_peer", type=int)
     parser.add_argument("--window-bytes", dest="window_bytes", type=int)
     parser.add_argument("--staging-bytes", dest="staging_bytes", type=int)

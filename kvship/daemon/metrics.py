@@ -31,7 +31,8 @@ LINK_GAUGES = (
     ("kvship_link_compression_ratio", "compression_ratio", "Payload bytes per wire byte"),
     ("kvship_link_queued_bytes", "queued_bytes", "Staged chunk bytes waiting for the link"),
     ("kvship_link_queue_wait_seconds", "queue_wait_s", "How long chunks wait for a stripe"),
-    ("kvship_link_rtt_seconds", "rtt_s", "PING/PONG round trip through the daemons"),
+    ("kvship_link_rtt_seconds", "rtt_s", "Link RTT: the kernel's (TCP_INFO) if known, else PING"),
+    ("kvship_link_ping_rtt_seconds", "ping_rtt_s", "PING/PONG round trip through the daemons"),
     ("kvship_link_tcp_rtt_seconds", "tcp_rtt_s", "Kernel's smoothed RTT (TCP_INFO, worst stripe)"),
     ("kvship_link_connections", "connections", "Open connections of the link"),
 )

@@ -166,6 +166,7 @@ class PeerLink:
         self.egress = egress
         self.scheduler = Scheduler(bucket, egress, name=address)
         self.rtt_s: float | None = None  # PING/PONG round trip, smoothed
+        self.lost = asyncio.Event()  # set once the link is dead (lost or closed)
         self._pinger: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -224,6 +225,8 @@ class PeerLink:
                 retrans += info[1]
         fig = self.figures
         rate = self.bucket.rate
+        tcp_rtt = round(max(kernel_rtt), 6) if kernel_rtt else None
+        ping_rtt = None if self.rtt_s is None else round(self.rtt_s, 6)
         return {
             "peer": self.address,
             "at": round(time.time(), 3),  # unix seconds: readers judge staleness by it
@@ -238,8 +241,11 @@ class PeerLink:
             "queued_chunks": self.queued_chunks,
             "queued_bytes": sum(t.queued_bytes for t in self.transfers.values()),
             "queue_wait_s": round(fig.queue_wait_s, 6),
-            "rtt_s": None if self.rtt_s is None else round(self.rtt_s, 6),
-            "tcp_rtt_s": round(max(kernel_rtt), 6) if kernel_rtt else None,
+            # The kernel's RTT where it is known: a PING queues behind chunk data, so under
+            # load it reads the queue, not the link (the router wants the link).
+            "rtt_s": tcp_rtt if tcp_rtt is not None else ping_rtt,
+            "ping_rtt_s": ping_rtt,
+            "tcp_rtt_s": tcp_rtt,
             "tcp_retransmits": retrans,
             "payload_bytes_total": fig.payload_total,
             "wire_bytes_total": fig.wire_total,
@@ -311,6 +317,7 @@ class PeerLink:
     def _on_close(self, conn: FramedProtocol, error: BaseException | None) -> None:
         self.metrics.connections.labels("peer_out").dec()
         lost = not self.dead  # the first of its connections to close, not by close()
+        self.lost.set()
         if lost:
             self.dead = True
             self.scheduler.close()
@@ -342,6 +349,7 @@ class PeerLink:
 
     def close(self) -> None:
         self.dead = True
+        self.lost.set()
         self.scheduler.close()
         if self._pinger is not None:
             self._pinger.cancel()

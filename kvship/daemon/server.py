@@ -121,6 +121,7 @@ class Daemon:
             self.servers.append(srv)
             self.addresses["engine"] = _bound(srv)
         self._reaper = spawn(self._reap(), "reaper")
+        self.links.keep_warm(cfg.peer_list)
         self.lag.start()
         log.info("kvshipd %s listening: %s", cfg.node_name, self.addresses)
 
