@@ -275,3 +275,38 @@ def test_config_refuses_unknown_keys_and_bad_values(tmp_path: object) -> None:
     lines = Path(path).read_text().splitlines()
     assert [line.count('"key"') for line in lines] == [1, 1] and '"event": "load"' in lines[1]
     StatsLog(None).write("save", {"key": "c"})  # no path: nothing, no error
+
+
+def test_warm_connections_are_made_at_start_and_used_first(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """With warm_sends/warm_receives the pooled connections (and the receive arena) exist
+    before the first request: the daemon counts them at once, and the first save and
+    load use them instead of opening new ones."""
+    a, b = pair
+    before_a = a.metric("kvship_connections", 'kind="engine_unix"')
+    before_b = b.metric("kvship_connections", 'kind="engine_unix"')
+    producer = PagedTransfers(GEOMETRY, caches(4), address=a.socket_path, peer=b.peer, warm_sends=1)
+    consumer = PagedTransfers(
+        GEOMETRY,
+        caches(None),
+        address=b.socket_path,
+        warm_receives=1,
+        receive_arena_bytes=3 * 4 * GEOMETRY.page_bytes,
+    )
+    try:
+        assert producer.wait_warm(10) and consumer.wait_warm(10)
+        assert a.metric("kvship_connections", 'kind="engine_unix"') == before_a + 1
+        assert b.metric("kvship_connections", 'kind="engine_unix"') == before_b + 1
+        tokens = list(range(3 * BLOCK))
+        save(producer, "paged-warm", tokens, [1, 2, 3])
+        consumer.begin_load("paged-warm", len(tokens), [0, 1, 2], [4, 5, 6])
+        assert outcome(producer.finished_saves, "paged-warm").error is None  # type: ignore[attr-defined]
+        assert outcome(consumer.finished_loads, "paged-warm").error is None  # type: ignore[attr-defined]
+        # No connection beyond the warm ones was opened for them.
+        assert a.metric("kvship_connections", 'kind="engine_unix"') == before_a + 1
+        assert b.metric("kvship_connections", 'kind="engine_unix"') == before_b + 1
+        np.testing.assert_array_equal(consumer.caches[0][[4, 5, 6]], producer.caches[0][[1, 2, 3]])
+    finally:
+        producer.close()
+        consumer.close()

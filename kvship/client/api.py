@@ -170,6 +170,20 @@ class Client:
         else:
             conn.close()
 
+    async def prepare(self, *, send: int = 1, receive: int = 0) -> None:
+        """Open ``send`` / ``receive`` pooled connections now (arenas made, shared and
+        faulted in), so an engine's first transfers pay no set-up on their critical path:
+        call it at start. Receive arenas need ``receive_arena_bytes``; without it a
+        receive connection is opened but its arena still waits for the first layout."""
+        if send < 0 or receive < 0 or send + receive > 2 * self.max_idle:
+            raise ValueError(f"prepare: 0..{2 * self.max_idle} connections, got {send}+{receive}")
+        opened = await asyncio.gather(
+            *(self._connect("send", max(self.chunk_bytes, self.arena_bytes)) for _ in range(send)),
+            *(self._connect("recv", self.receive_arena_bytes or 0) for _ in range(receive)),
+        )
+        for i, conn in enumerate(opened):
+            self._park("send" if i < send else "recv", conn)
+
     async def lookup(
         self,
         token_ids: Sequence[int],

@@ -286,6 +286,8 @@ class PagedTransfers:
         layer_timeout: float = 10.0,
         save_timeout: float = 60.0,
         chunk_bytes: int | None = None,
+        warm_sends: int = 0,
+        warm_receives: int = 0,
         **client_kwargs: Any,
     ) -> None:
         if len(caches) != geometry.n_layers:
@@ -312,11 +314,28 @@ class PagedTransfers:
         self._loads: set[str] = set()
         self._done_loads: list[LoadOutcome] = []
         self._tasks: set[Any] = set()
+        self._warming: Any = None
+        if warm_sends or warm_receives:
+            # Connections and arenas made now, in the background: the first request's
+            # transfer pays no set-up (a failure here only means the first one will).
+            self._warming = self._submit(self._warm(warm_sends, warm_receives))
 
     @classmethod
     def from_config(
-        cls, geometry: PagedGeometry, caches: Sequence[Any], config: PagedConfig
+        cls,
+        geometry: PagedGeometry,
+        caches: Sequence[Any],
+        config: PagedConfig,
+        *,
+        max_tokens: int | None = None,
+        producer: bool = True,
+        consumer: bool = True,
     ) -> PagedTransfers:
+        """``max_tokens``: the longest prompt (the model's context): the receive arena
+        holds three of its layers, made at start with the warm connections."""
+        arena = None
+        if max_tokens:
+            arena = min(256 * MIB, 3 * geometry.pages_for(max_tokens) * geometry.page_bytes)
         return cls(
             geometry,
             caches,
@@ -326,7 +345,16 @@ class PagedTransfers:
             layer_timeout=config.layer_timeout_s,
             save_timeout=config.save_timeout_s,
             chunk_bytes=config.chunk_bytes,
+            warm_sends=1 if producer else 0,
+            warm_receives=1 if consumer else 0,
+            receive_arena_bytes=arena,
         )
+
+    async def _warm(self, sends: int, receives: int) -> None:
+        try:
+            await self._sync.client.prepare(send=sends, receive=receives)
+        except (KvshipError, ValueError) as exc:
+            log.warning("kvship: could not open connections ahead: %s", exc)
 
     # ------------------------------------------------------------------ producer
     def begin_save(self, key: str, token_ids: Sequence[int], *, peer: str | None = None) -> None:
@@ -472,10 +500,21 @@ class PagedTransfers:
                 raise KvshipError("the transfer ended before every layer arrived")
 
     # ------------------------------------------------------------------ both
-    def _submit(self, coro: Any) -> None:
+    def _submit(self, coro: Any) -> Any:
         future = asyncio.run_coroutine_threadsafe(coro, self._sync.loop)
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
+        return future
+
+    def wait_warm(self, timeout: float) -> bool:
+        """Block until the connections opened ahead are pooled (True), or ``timeout``."""
+        if self._warming is None:
+            return True
+        try:
+            self._warming.result(timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def pending(self) -> int:
         """Saves and loads not ended yet."""

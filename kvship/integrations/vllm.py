@@ -173,7 +173,12 @@ class KvshipConnector(KVConnectorBase_V1):
         )
         self._layer_of = {name: i for i, name in enumerate(names)}
         self._transfers = PagedTransfers.from_config(
-            geometry, [_numpy_view(t) for t in tensors], self._config
+            geometry,
+            [_numpy_view(t) for t in tensors],
+            self._config,
+            max_tokens=self._vllm_config.model_config.max_model_len,
+            producer=self._producer,
+            consumer=self._consumer,
         )
         logger.info(
             "kvship connector (%s): %s, engine socket %s, peer %s",

@@ -233,15 +233,16 @@ def main() -> int:
     layout_path = work / "smollm2-layout.json"
     layout_path.write_text(SMOLLM2.model.to_json())
 
-    remote_d = DaemonProcess("remote", work).start()
-    local_d = DaemonProcess("local", work, ["--staging-bytes", str(256 << 20)])
+    # The local (decode) daemon first: the remote one keeps a warm link to it (``peers``).
+    local_d = DaemonProcess("local", work, ["--staging-bytes", str(256 << 20)]).start()
+    remote_d = DaemonProcess("remote", work, ["--peers", local_d.peer])
     proxy: subprocess.Popen[bytes] | None = None
     failures: list[str] = []
     report: dict[str, Any] = {"requests": len(asks)}
     engines: list[Engine] = []
     watch = EgressWatch(remote_d)
     try:
-        local_d.start()
+        remote_d.start()
         put_cap(remote_d, local_d.peer, CAP_BEFORE)
         common = {"stats_path": str(stats_path), "layer_timeout_s": 5.0}
         remote = Engine(
@@ -305,8 +306,8 @@ def main() -> int:
         for engine in engines:  # warm-up, kept out of every prefix cache
             body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 2, "cache_salt": "w"}
             post(engine.base + "/v1/completions", body)
-        # One disaggregated request brings the peer link up (the router sends nothing remote
-        # over a link without connections) and warms kvship's pooled connections.
+        # One disaggregated request warms both engines' kvship paths (the peer link itself
+        # is up already: the remote daemon keeps it warm).
         warm = {"model": "smollm2", "prompt": "Hi there", "max_tokens": 1, "cache_salt": "w2"}
         params = post(
             remote.base + "/v1/completions",
