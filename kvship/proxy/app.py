@@ -253,13 +253,13 @@ class Proxy:
             self.errors.labels("bad_request").inc()
             return _error(400, str(exc))
         rid = f"kvship-{uuid.uuid4().hex[:16]}-{next(self._ids)}"
-        if route.target == REMOTE:
-            params = await self._remote_prefill(body, path, rid, route)
-            if params is not None:
-                body = {**body, "kv_transfer_params": params}
-        self.routes.labels(route.target, route.kind).inc()
-        log.info("route %s %s (%s): %s", rid, route.target, route.kind, route.header())
-        try:
+        try:  # from here the route's KV counts as in flight, whatever ends the request
+            if route.target == REMOTE:
+                params = await self._remote_prefill(body, path, rid, route)
+                if params is not None:
+                    body = {**body, "kv_transfer_params": params}
+            self.routes.labels(route.target, route.kind).inc()
+            log.info("route %s %s (%s): %s", rid, route.target, route.kind, route.header())
             return await self._forward(request, server, path, body, route, started)
         finally:
             if route.kv_bytes:
