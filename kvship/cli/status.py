@@ -239,7 +239,9 @@ def link_table(links: list[dict[str, Any]]) -> str:
         ]
         for lk in links
     ]
-    return f"peer links ({len(rows)}):\n" + table(header, rows)
+    advice = sorted({line for lk in links for line in lk.get("kernel_advice") or ()})
+    notes = "".join(f"\n  note: {line}" for line in advice)
+    return f"peer links ({len(rows)}):\n" + table(header, rows) + notes
 
 
 def store_table(store: dict[str, float]) -> str:

@@ -13,6 +13,7 @@ from ..aio.tasks import spawn
 from ..ratelimit import TokenBucket, parse_burst, parse_rate
 from .codecpool import CodecPool
 from .config import Config
+from .kernel import TcpBuffers
 from .metrics import Metrics
 from .peers import LinkSettings, PeerLink
 
@@ -36,6 +37,8 @@ class LinkPool:
         self.links: dict[str, PeerLink] = {}
         self._lock = asyncio.Lock()
         self.warm_peers: dict[str, str] = {}  # configured peer -> why it is down ("" if up)
+        self.kernel = TcpBuffers.read()
+        self.kernel_advice = self.kernel.advice(config.window_bytes)
         self._keepers: list[asyncio.Task[None]] = []
 
     async def get(self, address: str) -> PeerLink:
@@ -122,7 +125,18 @@ class LinkPool:
         """Every live link's figures, and each configured peer that is down (why)."""
         out = []
         for address, link in self.links.items():
-            out.append({**link.figures_json(), "configured": address in self.warm_peers})
+            figures = link.figures_json()
+            rtt = figures.get("rtt_s")
+            bound = self.kernel.bound_Bps(len(link.conns), rtt if isinstance(rtt, float) else None)
+            out.append(
+                {
+                    **figures,
+                    "configured": address in self.warm_peers,
+                    "kernel_send_buffer_max": self.kernel.send_max,
+                    "kernel_bound_Bps": None if bound is None else round(bound),
+                    "kernel_advice": self.kernel_advice,
+                }
+            )
         for address, why in self.warm_peers.items():
             if address not in self.links:
                 out.append(

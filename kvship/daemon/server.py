@@ -122,6 +122,8 @@ class Daemon:
             self.addresses["engine"] = _bound(srv)
         self._reaper = spawn(self._reap(), "reaper")
         self.links.keep_warm(cfg.peer_list)
+        for line in self.links.kernel_advice:
+            log.warning(line, extra={"cause": "kernel socket buffers"})
         self.lag.start()
         log.info("kvshipd %s listening: %s", cfg.node_name, self.addresses)
 
