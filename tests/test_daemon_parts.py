@@ -80,6 +80,7 @@ class EngineStandIn(PeerStandIn):
 class DestinationStandIn:
     def __init__(self, active: bool = True) -> None:
         self.active = active
+        self.attached = True
 
     def reserve(self, nbytes: int) -> int | None:
         return None  # no arena room: chunks wait in daemon memory

@@ -108,6 +108,10 @@ class Subscription:
         assert self.allocator is not None
         return self.allocator.allocate(nbytes)
 
+    @property
+    def attached(self) -> bool:
+        return self.conn.is_open and self.arena.arena is not None
+
     def view(self, offset: int, length: int) -> memoryview:
         arena = self.arena.arena
         assert arena is not None

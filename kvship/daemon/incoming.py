@@ -62,6 +62,11 @@ class Destination(Protocol):
         """False once the delivery ended (a transfer it left unfinished is an orphan)."""
         ...
 
+    @property
+    def attached(self) -> bool:
+        """Its arena can take bytes now (False once the engine's connection closed)."""
+        ...
+
     def reserve(self, nbytes: int) -> int | None: ...
 
     def view(self, offset: int, length: int) -> memoryview: ...
@@ -198,7 +203,9 @@ class IncomingTransfer:
         """Where a chunk's raw bytes go: (buffer, in_arena). The layer's region of the
         engine's arena when there is room, else daemon memory."""
         dest = self.destination_of
-        if self.state is TransferState.OPEN and dest is not None:
+        # An engine that left has unmapped its arena: its layers' bytes go to daemon
+        # memory (its delivery fails the transfer); the peer connection is never at fault.
+        if self.state is TransferState.OPEN and dest is not None and dest.attached:
             layer = meta.layer
             offset = self.regions.get(layer)
             if offset is None:
