@@ -39,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from .ledger import SaveLedger
 from .paged import PagedConfig, PagedGeometry, PagedTransfers, StatsLog
 
 if TYPE_CHECKING:
@@ -135,10 +136,7 @@ class KvshipConnector(KVConnectorBase_V1):
         self._transfers: PagedTransfers | None = None
         self._layer_of: dict[str, int] = {}
         self._ends: dict[str, SaveEnd] = {}  # by key: saves whose layers this step ships
-        self._save_req: dict[str, str] = {}  # key -> req_id
-        self._ended: set[str] = set()  # req_ids whose save got every layer handed over
-        self._saved: set[str] = set()  # req_ids whose save is over (acknowledged or failed)
-        self._engine_finished: set[str] = set()
+        self._ledger = SaveLedger()  # when a saved request's blocks may go
         self._load_req: dict[str, str] = {}
         self._load_errors: set[int] = set()
 
@@ -196,13 +194,15 @@ class KvshipConnector(KVConnectorBase_V1):
         if meta is None or transfers is None:
             return
         for key, reason in meta.cancels:
+            self._ledger.cancelled(key)
             transfers.cancel_save(key, reason)
         for start in meta.starts:
-            self._save_req[start.key] = start.req_id
+            self._ledger.started(start.req_id, start.key)
             try:
                 transfers.begin_save(start.key, start.token_ids, peer=start.peer)
             except ValueError as exc:
                 logger.error("kvship: cannot save %s: %s", start.req_id, exc)
+                self._ledger.over(start.key)  # its blocks go when the request ends
         self._ends = {end.key: end for end in meta.ends}
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -246,23 +246,17 @@ class KvshipConnector(KVConnectorBase_V1):
             return
         for end in self._ends.values():
             self._transfers.prefill_ended(end.key)
-            self._ended.add(end.req_id)
+            self._ledger.ended(end.req_id)
         self._ends = {}
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         transfers = self._transfers
         if transfers is None:
             return None, None
-        self._engine_finished |= finished_req_ids
         for out in transfers.finished_saves():
-            req_id = self._save_req.pop(out.key, out.key)
             self._stats.write("save", out.summary())
-            if req_id in self._ended:
-                self._saved.add(req_id)
-        sending = self._saved & self._engine_finished
-        self._saved -= sending
-        self._engine_finished -= sending
-        self._ended -= sending
+            self._ledger.over(out.key)
+        sending = self._ledger.engine_finished(finished_req_ids)
         recving: set[str] = set()
         for load in transfers.finished_loads():
             req_id = self._load_req.pop(load.key, load.key)
