@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from run_e2e import Engine, free_port
+from run_e2e import Engine, finish, free_port, post
 
 from kvship.bench.spawn import DaemonProcess
 from kvship.integrations.paged import PagedGeometry
@@ -122,43 +122,6 @@ def workload(tokenizer: Any, n: int, seed: int) -> list[Ask]:
 
 
 # ----------------------------------------------------------------------------- http
-def post(url: str, body: Any, timeout: float = 180.0, stream: bool = False) -> dict[str, Any]:
-    """One request; streamed ones are timed to their first token. Never raises for HTTP."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    out: dict[str, Any] = {"tokens": [], "text": "", "ttft_s": None, "headers": {}}
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            out["status"], out["headers"] = resp.status, dict(resp.headers)
-            if not stream:
-                answer = json.loads(resp.read())
-                out["answer"] = answer
-                for choice in answer.get("choices", []):
-                    out["tokens"] += choice.get("token_ids") or []
-                    out["text"] += (
-                        choice.get("text") or (choice.get("message") or {}).get("content") or ""
-                    )
-            else:
-                for raw in resp:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    for choice in json.loads(line[6:]).get("choices", []):
-                        piece = choice.get("text") or (choice.get("delta") or {}).get("content")
-                        if (piece or choice.get("token_ids")) and out["ttft_s"] is None:
-                            out["ttft_s"] = time.perf_counter() - started
-                        out["tokens"] += choice.get("token_ids") or []
-                        out["text"] += piece or ""
-    except urllib.error.HTTPError as exc:
-        out["status"], out["headers"] = exc.code, dict(exc.headers)
-        out["answer"] = exc.read().decode(errors="replace")
-    except OSError as exc:
-        out["status"], out["answer"] = 0, f"{type(exc).__name__}: {exc}"
-    out["seconds"] = time.perf_counter() - started
-    return out
-
-
 def put_cap(daemon: DaemonProcess, peer: str, rate: str) -> None:
     req = urllib.request.Request(
         daemon.url(f"/v1/links/{peer}"),
@@ -312,7 +275,7 @@ def main() -> int:
         params = post(
             remote.base + "/v1/completions",
             {**warm, "kv_transfer_params": {"do_remote_decode": True}},
-        )["answer"]["kv_transfer_params"]
+        )["params"]
         post(local.base + "/v1/completions", {**warm, "kv_transfer_params": params})
         time.sleep(0.5)  # the proxy reads the link's figures (every 0.25 s)
 
@@ -349,12 +312,7 @@ def main() -> int:
             engine.stop()
         for daemon in (remote_d, local_d):
             daemon.stop()
-    report["seconds"] = round(time.monotonic() - started, 1)
-    check(report, failures)
-    report["failures"] = failures
-    report["ok"] = not failures
-    print(json.dumps(report))
-    return 0 if not failures else 1
+    return finish(report, failures, started, check)
 
 
 def wait_healthy(base: str, deadline: float) -> None:

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,42 +170,49 @@ class Engine:
             "return_token_ids": True,
             **extra,
         }
-        req = urllib.request.Request(
-            self.base + "/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        started = time.perf_counter()
-        ttft: float | None = None
-        tokens: list[int] = []
-        text, params = "", None
+        out = post(self.base + "/v1/completions", body, timeout, stream)
+        if out["status"] != 200:
+            raise RuntimeError(f"vLLM {self.name}: HTTP {out['status']}: {out.get('answer')}")
+        return out, out["ttft_s"], out["seconds"]
+
+
+def post(url: str, body: Any, timeout: float = 180.0, stream: bool = False) -> dict[str, Any]:
+    """One OpenAI-style request: tokens, text, kv_transfer_params, status, headers; streamed
+    ones timed to their first token (``ttft_s``). Never raises for HTTP."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    out: dict[str, Any] = {"tokens": [], "text": "", "ttft_s": None, "headers": {}, "params": None}
+    try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
+            out["status"], out["headers"] = resp.status, dict(resp.headers)
             if not stream:
                 answer = json.loads(resp.read())
-                choice = answer["choices"][0]
-                out = {
-                    "tokens": choice.get("token_ids") or [],
-                    "text": choice.get("text") or "",
-                    "params": answer.get("kv_transfer_params"),
-                }
-                return out, None, time.perf_counter() - started
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                for choice in event.get("choices", []):
-                    new = choice.get("token_ids") or []
-                    if new and ttft is None:
-                        ttft = time.perf_counter() - started
-                    tokens += new
-                    text += choice.get("text") or ""
-                params = event.get("kv_transfer_params") or params
-        return (
-            {"tokens": tokens, "text": text, "params": params},
-            ttft,
-            (time.perf_counter() - started),
-        )
+                out["answer"] = answer
+                out["params"] = answer.get("kv_transfer_params")
+                for choice in answer.get("choices", []):
+                    out["tokens"] += choice.get("token_ids") or []
+                    out["text"] += (
+                        choice.get("text") or (choice.get("message") or {}).get("content") or ""
+                    )
+            else:
+                for raw in resp:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                        if (piece or choice.get("token_ids")) and out["ttft_s"] is None:
+                            out["ttft_s"] = time.perf_counter() - started
+                        out["tokens"] += choice.get("token_ids") or []
+                        out["text"] += piece or ""
+    except urllib.error.HTTPError as exc:
+        out["status"], out["headers"] = exc.code, dict(exc.headers)
+        out["answer"] = exc.read().decode(errors="replace")
+    except OSError as exc:
+        out["status"], out["answer"] = 0, f"{type(exc).__name__}: {exc}"
+    out["seconds"] = time.perf_counter() - started
+    return out
 
 
 def free_port() -> int:
@@ -405,6 +412,16 @@ def main() -> int:
             engine.stop()
         for daemon in (prefill, decode):
             daemon.stop()
+    return finish(report, failures, started, check)
+
+
+def finish(
+    report: dict[str, Any],
+    failures: list[str],
+    started: float,
+    check: Callable[[dict[str, Any], list[str]], None],
+) -> int:
+    """Check the targets, print the report as the last line; the exit status."""
     report["seconds"] = round(time.monotonic() - started, 1)
     check(report, failures)
     report["failures"] = failures
