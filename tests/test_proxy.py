@@ -90,15 +90,15 @@ async def test_link_figures_come_from_the_sending_daemon(pair: tuple[DaemonProce
     async with aiohttp.ClientSession() as http:
         watch = LinkWatch(a.addresses["control"], b.peer)
         await watch.read(http)
-        figures = watch.current()
+        figures = watch.figures
         assert figures is not None and figures["peer"] == b.peer and watch.why == ""
         assert LinkView.from_figures(figures).reachable
         elsewhere = LinkWatch(a.addresses["control"], "127.0.0.1:9")
         await elsewhere.read(http)
-        assert elsewhere.current() is None and "has no link to 127.0.0.1:9" in elsewhere.why
+        assert elsewhere.figures is None and "has no link to 127.0.0.1:9" in elsewhere.why
         nobody = LinkWatch(f"127.0.0.1:{free_port()}", None)
         await nobody.read(http)
-        assert nobody.current() is None and nobody.why.startswith("link daemon 127.0.0.1:")
+        assert nobody.figures is None and nobody.why.startswith("link daemon 127.0.0.1:")
 
 
 def test_routes_name_their_reason_in_a_small_label_set() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, good_transfer
+from conftest import free_port, good_transfer, wait_until
 from kvship.bench.spawn import DaemonProcess
 from kvship.cli.status import link_table
 from kvship.daemon.config import ConfigError, load_config
@@ -22,15 +22,6 @@ def link_to(daemon: DaemonProcess, peer: str) -> dict | None:
     return None
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 async def test_a_configured_peer_is_connected_kept_and_reconnected(tmp_path: Path) -> None:
     port = free_port()
     decode = DaemonProcess("decode", tmp_path, ["--peer-listen", f"127.0.0.1:{port}"]).start()
@@ -38,18 +29,18 @@ async def test_a_configured_peer_is_connected_kept_and_reconnected(tmp_path: Pat
     prefill = DaemonProcess("prefill", tmp_path, ["--peers", peer]).start()
     try:
         # Up before anything was sent: the router sees a link with its connections.
-        wait_for(lambda: (link_to(prefill, peer) or {}).get("connections") == 4, 10, "link up")
+        wait_until(lambda: (link_to(prefill, peer) or {}).get("connections") == 4, 10, "link up")
         link = link_to(prefill, peer)
         assert link is not None and link["configured"] is True and link["transfers"] == 0
         assert prefill.metric("kvship_transfers") == 0
 
         decode.stop()
-        wait_for(lambda: (link_to(prefill, peer) or {}).get("connected") is False, 10, "down")
+        wait_until(lambda: (link_to(prefill, peer) or {}).get("connected") is False, 10, "down")
         down = link_to(prefill, peer)
         assert down is not None and down["why"] and down["configured"] is True
 
         decode = DaemonProcess("decode", tmp_path, ["--peer-listen", peer]).start()
-        wait_for(lambda: (link_to(prefill, peer) or {}).get("connections") == 4, 15, "back")
+        wait_until(lambda: (link_to(prefill, peer) or {}).get("connections") == 4, 15, "back")
         await good_transfer(prefill, decode)
         log = prefill.log_tail(50_000)
         assert log.count("configured peer 127.0.0.1") <= 3, log  # once per cause, no storm
@@ -62,7 +53,7 @@ def test_a_peer_that_never_comes_is_shown_down_with_its_reason(tmp_path: Path) -
     peer = f"127.0.0.1:{free_port()}"
     daemon = DaemonProcess("lonely", tmp_path, ["--peers", peer]).start()
     try:
-        wait_for(lambda: bool((link_to(daemon, peer) or {}).get("why", "").strip()), 10, "why")
+        wait_until(lambda: bool((link_to(daemon, peer) or {}).get("why", "").strip()), 10, "why")
         time.sleep(2.0)  # several retries (0.5, 1, 2 s ...)
         link = link_to(daemon, peer)
         assert link is not None and link["connected"] is False and link["connections"] == 0

@@ -86,9 +86,7 @@ class Route:
     target: str  # "local" | "remote"
     kind: str  # the metric's reason label: a small fixed set
     reason: str
-    prompt_tokens: int | None = None
     kv_bytes: float = 0.0
-    decision: Decision | None = None
     notes: list[str] = field(default_factory=list)
 
     def header(self) -> str:
@@ -225,7 +223,7 @@ class Proxy:
             "ok": ok,
             "local": pool(self.local),
             "remote": pool(self.remote),
-            "link": self.link.current() or {"why": self.link.why},
+            "link": self.link.figures or {"why": self.link.why},
             "threshold_tokens": self.router.threshold_tokens,
         }
         return web.json_response(body, status=200 if ok else 503)
@@ -286,14 +284,14 @@ class Proxy:
                 f"the prompt has {len(tokens)} tokens and max_tokens is {wanted}: more than "
                 f"the model's context of {max_len} tokens"
             )
-        route = Route("local", "below_threshold", "", len(tokens))
+        route = Route("local", "below_threshold", "")
         cached = 0
         if len(tokens) > t and self._lookup is not None and self.settings.layout is not None:
             try:
                 cached = await self._lookup.lookup(tokens, self.settings.layout, timeout=1.0)
             except KvshipError as exc:
                 route.notes.append(f"local cache unknown ({exc})")
-        figures = self.link.current()
+        figures = self.link.figures
         link = (
             LinkView.from_figures(figures)
             if figures is not None
@@ -310,7 +308,6 @@ class Proxy:
             RouteRequest(len(tokens), cached), link, RemoteView(self.remote.queue_depth, remote_up)
         )
         route.target, route.kind, route.reason = decision.target, _kind(decision), decision.reason
-        route.decision = decision
         if cached:
             route.notes.append(f"{cached} tokens cached locally")
         if route.target == REMOTE:

@@ -45,6 +45,3 @@ class LinkWatch:
             self.why = f"link daemon {self.control} has no link to {self.peer or 'any peer'}"
             return
         self.figures, self.why = chosen[0], ""
-
-    def current(self) -> dict[str, Any] | None:
-        return self.figures
