@@ -95,6 +95,27 @@ def test_pages_land_bit_exact_in_the_planned_blocks_only(pair: tuple[DaemonProce
         consumer.close()
 
 
+def test_a_plan_with_gaps_and_any_order_lands_page_by_page(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """Pages not in one run (a prefix hit with holes, any order) take the gather path."""
+    producer, consumer = engines(pair)
+    try:
+        tokens = list(range(500, 500 + 5 * BLOCK))
+        src = [10, 11, 12, 13, 14]
+        save(producer, "paged-gaps", tokens, src)
+        assert outcome(producer.finished_saves, "paged-gaps").error is None  # type: ignore[attr-defined]
+        consumer.begin_load("paged-gaps", len(tokens), [4, 1, 3], [9, 7, 8])
+        assert outcome(consumer.finished_loads, "paged-gaps").error is None  # type: ignore[attr-defined]
+        for layer in range(LAYERS):
+            got, want = consumer.caches[layer], producer.caches[layer]
+            np.testing.assert_array_equal(got[[9, 7, 8]], want[[14, 11, 13]])
+            assert not got[[0, 1, 2, 3, 4, 5, 6]].any()
+    finally:
+        producer.close()
+        consumer.close()
+
+
 def test_a_shared_prefix_ships_only_its_new_pages(pair: tuple[DaemonProcess, ...]) -> None:
     a, _ = pair
     producer, consumer = engines(pair, chunk_bytes=GEOMETRY.page_bytes)  # dedup per page

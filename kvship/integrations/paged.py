@@ -453,7 +453,11 @@ class PagedTransfers:
             if key in self._loads:
                 raise ValueError(f"load {key!r} is already under way")
             self._loads.add(key)
-        pages = np.asarray(page_ids, dtype=np.intp)
+        pages: slice | np.ndarray = np.asarray(page_ids, dtype=np.intp)
+        if len(page_ids) and list(page_ids) == list(range(page_ids[0], page_ids[-1] + 1)):
+            # The usual plan (the prompt's pages past a local prefix hit): a view of the
+            # layer, so each page is copied once, straight into its block.
+            pages = slice(page_ids[0], page_ids[-1] + 1)
         blocks = np.asarray(block_ids, dtype=np.intp)
         self._submit(self._run_load(outcome, n_tokens, pages, blocks))
 
@@ -464,7 +468,7 @@ class PagedTransfers:
         return done
 
     async def _run_load(
-        self, out: LoadOutcome, n_tokens: int, pages: np.ndarray, blocks: np.ndarray
+        self, out: LoadOutcome, n_tokens: int, pages: slice | np.ndarray, blocks: np.ndarray
     ) -> None:
         try:
             async with asyncio.timeout(self.load_timeout):
@@ -482,7 +486,7 @@ class PagedTransfers:
                 log.warning("kvship: load of %s failed: %s", out.key, out.error)
 
     async def _load(
-        self, out: LoadOutcome, n_tokens: int, pages: np.ndarray, blocks: np.ndarray
+        self, out: LoadOutcome, n_tokens: int, pages: slice | np.ndarray, blocks: np.ndarray
     ) -> None:
         async with self._sync.client.receive(out.key, timeout=self.layer_timeout) as rx:
             reason = self.geometry.mismatch(rx.layout, n_tokens)
