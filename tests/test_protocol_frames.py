@@ -20,6 +20,8 @@ from kvship.protocol import (
     ROLE_ENGINE,
     ROLE_PEER,
     Abort,
+    AuthChallenge,
+    AuthProof,
     Chunk,
     ChunkMeta,
     Complete,
@@ -85,6 +87,8 @@ SAMPLES: list[Any] = [
     ShmChunk(ChunkMeta(5, 2, 1, 0, 16, 77), 4096),
     LayerReady(5, 1, 8192, 20),
     Release(8192, 20),
+    AuthChallenge(bytes(range(32)), b"\xff" * 32),
+    AuthProof(bytes(range(32, 64))),
 ]
 
 

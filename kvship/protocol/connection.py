@@ -21,12 +21,27 @@ The machine checks both directions, like h11:
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
+from .auth import (
+    AUTH_PSK,
+    NONCE_SIZE,
+    AuthChallenge,
+    AuthProof,
+    PeerKey,
+    acceptor_mac,
+    hello_auth,
+    initiator_mac,
+    lookup,
+    parse_hello_auth,
+    same_mac,
+)
 from .constants import (
     AUTH_NONE,
+    CAP_AUTH,
     CAP_SHM,
     CAP_STRIPING,
     HANDSHAKE_MAX_BODY,
@@ -119,7 +134,10 @@ _EVENTS_IN = {
     FrameType.HELLO_ACK: Event.RECV_HELLO_ACK,
     FrameType.PING: Event.RECV_PING,
     FrameType.GOAWAY: Event.RECV_GOAWAY,
+    FrameType.AUTH_CHALLENGE: Event.RECV_AUTH_CHALLENGE,
+    FrameType.AUTH_PROOF: Event.RECV_AUTH_PROOF,
 }
+_HANDSHAKE_FRAMES = (FrameType.HELLO, FrameType.HELLO_ACK)
 _EVENTS_OUT = {
     FrameType.HELLO: Event.SEND_HELLO,
     FrameType.HELLO_ACK: Event.SEND_HELLO_ACK,
@@ -146,6 +164,14 @@ class Connection:
     acceptor). Without it the role is learnt from the HELLO: the one ``initiate()``
     sends, or the one an acceptor receives (which then takes either role); with it, an
     acceptor refuses a HELLO of the other role (``PROTOCOL_ERROR``, SPEC §9).
+
+    Authentication (SPEC §6.4, :mod:`.auth`): an initiator given ``key`` offers it in its
+    HELLO, answers the acceptor's AUTH_CHALLENGE (the IO layer sends :meth:`prove`) and
+    checks the acceptor's proof on HELLO_ACK. An acceptor given ``keys`` (key id ->
+    secret) requires a HELLO that offers one of them: :meth:`accept` then sends
+    AUTH_CHALLENGE first, and once the AUTH_PROOF event came (verified here), HELLO_ACK.
+    Either end refuses what does not verify with ``AUTH_FAILED``. ``random_bytes`` makes
+    the nonces (a test vector fixes it).
     """
 
     def __init__(
@@ -155,6 +181,9 @@ class Connection:
         role: Role | None = None,
         limits: Limits | None = None,
         payload_sink: PayloadSink | None = None,
+        key: PeerKey | None = None,
+        keys: Mapping[str, bytes] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         if role is Role.ENGINE or role is Role.DAEMON:
             implied = role is Role.ENGINE
@@ -199,6 +228,13 @@ class Connection:
         self._chunk_meta: ChunkMeta | None = None
         self._chunk_tag: object = None
         self._hello: Hello | None = None  # the HELLO offered (initiator) or received
+        self._hello_body = b""  # its body as it went on the wire: the MACs cover it
+        self._last_body = b""  # the body of the HELLO or HELLO_ACK just decoded
+        self._key = key  # initiator: prove this key
+        self._keys = keys  # acceptor: require one of these
+        self._random = random_bytes
+        self._auth = _AuthExchange()
+        self.authenticated_key = ""  # the key id both ends proved (SPEC §6.4), "" = none
 
     # ------------------------------------------------------------------ state
     @property
@@ -253,6 +289,14 @@ class Connection:
         if not self.initiator:
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, "only an initiator sends HELLO")
         state = self._step(Event.SEND_HELLO, "HELLO")
+        if self._key is not None:
+            nonce = self._random(NONCE_SIZE)
+            hello = replace(
+                hello,
+                auth_method=AUTH_PSK,
+                auth=hello_auth(nonce, self._key.key_id),
+                capabilities=hello.capabilities | CAP_AUTH,
+            )
         data = self._encoded(hello, HANDSHAKE_MAX_BODY)
         role = Role.of_hello(hello.role, True)
         if self.role is not None and role is not self.role:
@@ -261,25 +305,33 @@ class Connection:
             )
         self._take_role(role)
         self._hello = hello
+        self._hello_body = data[HEADER_SIZE:]
         self._state = state
         return MAGIC + data
 
     def accept(self, node_name: str = "", capabilities: int = KNOWN_CAPS) -> bytes:
         """Answer the HELLO the peer sent (after the application checked it): HELLO_ACK.
 
-        An ``auth_method`` this side does not know fails the connection instead
-        (:class:`ProtocolError` ``AUTH_FAILED``, SPEC §6.4): send :meth:`close`'s GOAWAY.
+        Where this side requires authentication (``keys``) the first call returns
+        AUTH_CHALLENGE instead; call it again after the AUTH_PROOF event for the HELLO_ACK
+        (then the arguments of the first call hold). An ``auth_method`` this side does not
+        know, or cannot honour, fails the connection (:class:`ProtocolError`
+        ``AUTH_FAILED``, SPEC §6.4): send :meth:`close`'s GOAWAY.
         """
         state = self._step(Event.SEND_HELLO_ACK, "HELLO_ACK")
+        auth = self._auth
+        if auth.ack is not None:  # the proof verified: now the HELLO_ACK
+            data, caps = auth.ack
+            auth.ack = None
+            self._acked(caps, state)
+            return data
         hello = self._hello
         assert hello is not None
-        if hello.auth_method != AUTH_NONE:
-            raise self._fail(
-                ErrorCode.AUTH_FAILED,
-                f"auth_method {hello.auth_method} is not one this side knows (only 0, none)",
-            )
+        secret = self._check_auth_method(hello)
         neg = self.negotiated
-        caps = neg.capabilities & capabilities
+        caps = neg.capabilities & capabilities & ~CAP_AUTH
+        if secret is not None:
+            caps |= neg.capabilities & CAP_AUTH
         limits = self.limits
         ack = HelloAck(
             neg.version,
@@ -291,9 +343,65 @@ class Connection:
             node_name,
         )
         data = self._encoded(ack, HANDSHAKE_MAX_BODY)
+        if secret is None:
+            self._acked(caps, state)
+            return data
+        state = self._step(Event.SEND_AUTH_CHALLENGE, "AUTH_CHALLENGE")
+        nonce = self._random(NONCE_SIZE)
+        mac = acceptor_mac(secret, nonce, self._hello_body, data[HEADER_SIZE:])
+        challenge = self._encoded(AuthChallenge(nonce, mac), HANDSHAKE_MAX_BODY)
+        auth.secret, auth.nonce, auth.pending_ack = secret, nonce, (data, caps)
+        self._state = state
+        return challenge
+
+    def _check_auth_method(self, hello: Hello) -> bytes | None:
+        """The secret of the key the HELLO names, None without authentication, or the
+        AUTH_FAILED refusal (SPEC §6.4)."""
+        method = hello.auth_method
+        if method not in (AUTH_NONE, AUTH_PSK):
+            raise self._fail(
+                ErrorCode.AUTH_FAILED,
+                f"auth_method {method} is not one this side knows (0 none, 1 pre-shared key)",
+            )
+        if self._keys is None:
+            if method == AUTH_PSK:
+                raise self._fail(
+                    ErrorCode.AUTH_FAILED,
+                    "this side has no keys configured: it cannot authenticate a pre-shared key",
+                )
+            return None
+        if method == AUTH_NONE:
+            raise self._fail(
+                ErrorCode.AUTH_FAILED,
+                "authentication required: HELLO without auth_method 1 (pre-shared key)",
+            )
+        try:
+            _, key_id = parse_hello_auth(hello.auth)
+            secret = lookup(self._keys, key_id)
+        except ProtocolError as exc:
+            raise self._fail(exc.code, exc.message) from None
+        self._auth.key_id = key_id
+        return secret
+
+    def _acked(self, caps: int, state: State) -> None:
+        """The acceptor sent HELLO_ACK: the connection is open on the acceptor's limits."""
+        neg = self.negotiated
         neg.capabilities = caps
-        neg.peer_limits = limits  # both ends enforce the acceptor's limits
-        self.recv_window = self.send_credit = limits.initial_window
+        neg.peer_limits = self.limits  # both ends enforce the acceptor's limits
+        self.recv_window = self.send_credit = self.limits.initial_window
+        self._state = state
+
+    def prove(self) -> bytes:
+        """The initiator's AUTH_PROOF, the answer to the AUTH_CHALLENGE event."""
+        state = self._step(Event.SEND_AUTH_PROOF, "AUTH_PROOF")
+        auth = self._auth
+        if self._key is None or not auth.nonce or auth.proved:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL_ERROR, "AUTH_PROOF answers one AUTH_CHALLENGE, once"
+            )
+        mac = initiator_mac(self._key.secret, auth.nonce, self._hello_body)
+        data = self._encoded(AuthProof(mac), HANDSHAKE_MAX_BODY)
+        auth.proved = True
         self._state = state
         return data
 
@@ -314,6 +422,7 @@ class Connection:
             )
         self._take_role(role)
         self._hello = hello
+        self._hello_body = self._last_body
         neg = self.negotiated
         neg.version = version
         neg.capabilities = hello.capabilities & KNOWN_CAPS
@@ -330,6 +439,8 @@ class Connection:
             raise self._fail(
                 ErrorCode.UNSUPPORTED_VERSION, f"peer chose version {ack.version}, not offered"
             )
+        if self._key is not None:
+            self._check_acceptor(self._key)
         neg = self.negotiated
         neg.version = ack.version
         neg.capabilities = ack.capabilities & offered
@@ -342,6 +453,23 @@ class Connection:
         self.send_credit = self.recv_window = ack.initial_window
         self._state = state
 
+    def _check_acceptor(self, key: PeerKey) -> None:
+        """On HELLO_ACK: the acceptor proved ``key`` over both nonces and this very ACK."""
+        auth = self._auth
+        if not auth.proved:
+            raise self._fail(
+                ErrorCode.AUTH_FAILED,
+                "the acceptor answered without authenticating (it has no key configured)",
+            )
+        want = acceptor_mac(key.secret, auth.nonce, self._hello_body, self._last_body)
+        if not same_mac(auth.mac, want):
+            raise self._fail(
+                ErrorCode.AUTH_FAILED,
+                f"the acceptor's proof for key {key.key_id!r} does not verify: it does not "
+                "hold that key, or the handshake was altered",
+            )
+        self.authenticated_key = key.key_id
+
     # ---------------------------------------------------------------- sending
     def send(self, frame: Frame) -> bytes:
         """The bytes of ``frame``, if this side may send it now (else LocalProtocolError).
@@ -352,8 +480,8 @@ class Connection:
         if isinstance(frame, Chunk):
             return self.chunk_header(frame.meta, len(frame.data)) + bytes(frame.data)
         name = frame_name(frame.TYPE)
-        if isinstance(frame, Hello | HelloAck):
-            api = "initiate()" if isinstance(frame, Hello) else "accept()"
+        if isinstance(frame, Hello | HelloAck | AuthChallenge | AuthProof):
+            api = {Hello: "initiate()", AuthProof: "prove()"}.get(type(frame), "accept()")
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} goes out by {api}")
         state = self._step(_EVENTS_OUT.get(frame.TYPE, Event.SEND_FRAME), name)
         limit = self.limits.max_frame if self._state is State.OPEN else HANDSHAKE_MAX_BODY
@@ -803,6 +931,8 @@ class Connection:
             if self._frame_flags & FLAG_IGNORABLE and self._state is State.OPEN:
                 return []
             raise self._fail(ErrorCode.UNKNOWN_FRAME, f"unknown frame type 0x{ftype:02x}")
+        if ftype in _HANDSHAKE_FRAMES:
+            self._last_body = bytes(body)  # the MACs cover it as it came (SPEC §6.4)
         try:
             frame = decode(body)
         except ProtocolError as exc:
@@ -837,6 +967,12 @@ class Connection:
             return [frame]
         if isinstance(frame, HelloAck):
             self._on_hello_ack(frame, state)
+            return [frame]
+        if isinstance(frame, AuthChallenge):
+            self._on_challenge(frame, state)
+            return [frame]
+        if isinstance(frame, AuthProof):
+            self._on_proof(frame, state)
             return [frame]
         if not isinstance(frame, GoAway | Ping):
             self._may_receive(frame.TYPE)
@@ -879,6 +1015,31 @@ class Connection:
             self._need_arena("RELEASE", remote)
         self._state = state
         return [frame]
+
+    def _on_challenge(self, frame: AuthChallenge, state: State) -> None:
+        auth = self._auth
+        if self._key is None:
+            raise self._fail(
+                ErrorCode.PROTOCOL_ERROR, "AUTH_CHALLENGE, but this side offered no key"
+            )
+        if auth.nonce:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "a second AUTH_CHALLENGE")
+        auth.nonce, auth.mac = frame.nonce, frame.mac
+        self._state = state
+
+    def _on_proof(self, frame: AuthProof, state: State) -> None:
+        auth = self._auth
+        assert auth.secret is not None and auth.pending_ack is not None  # AWAIT_PROOF
+        want = initiator_mac(auth.secret, auth.nonce, self._hello_body)
+        if not same_mac(frame.mac, want):
+            raise self._fail(
+                ErrorCode.AUTH_FAILED,
+                f"the proof for key {auth.key_id!r} does not verify (a wrong key, or a "
+                "replayed handshake)",
+            )
+        auth.ack, auth.pending_ack, auth.secret = auth.pending_ack, None, None
+        self.authenticated_key = auth.key_id
+        self._state = state
 
     def _on_open(self, frame: Open) -> None:
         self._check_open(frame, self.side.other if self.side else None, self._fail)
@@ -961,6 +1122,19 @@ class Connection:
             raise RuntimeError(f"payload sink gave {len(buf)} B for a {wire_length} B chunk")
         self._expect(_Read.CHUNK_DATA, buf)
         return []
+
+
+@dataclass(slots=True)
+class _AuthExchange:
+    """Where the pre-shared-key handshake stands (SPEC §6.4), either end."""
+
+    key_id: str = ""  # acceptor: the key the HELLO named
+    secret: bytes | None = field(default=None, repr=False)  # acceptor, until the proof
+    nonce: bytes = b""  # the acceptor's nonce (sent, or received by the initiator)
+    mac: bytes = field(default=b"", repr=False)  # initiator: the acceptor's proof
+    proved: bool = False  # initiator: AUTH_PROOF sent
+    pending_ack: tuple[bytes, int] | None = None  # acceptor: HELLO_ACK held until proof
+    ack: tuple[bytes, int] | None = None  # acceptor: proof verified, HELLO_ACK to send
 
 
 _Raise = Callable[[ErrorCode, str], ProtocolError]

@@ -22,7 +22,7 @@ MAX_MESSAGE = 1000  # characters of an ABORT / GOAWAY message the reference writ
 ROLE_PEER = 1  # another kvshipd (the data plane between clusters)
 ROLE_ENGINE = 2  # an inference engine's kvship.Client on the local API
 
-AUTH_NONE = 0  # the only auth_method version 1 defines (§6.4)
+AUTH_NONE = 0  # auth_method: none; 1 = AUTH_PSK (protocol.auth, §6.4)
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1  # zstd frame of the chunk's bytes (kvship.payload)
@@ -34,7 +34,8 @@ CAP_SHM = 1 << 0  # shared-memory staging arena on the local API (Unix socket on
 CAP_STRIPING = 1 << 1  # a transfer may be striped over several connections
 CAP_CODECS = 1 << 2  # chunks may carry codecs other than raw (zstd, split16)
 CAP_DEDUP = 1 << 3  # OPEN may carry a dedup manifest; the receiver answers HAVE
-KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP
+CAP_AUTH = 1 << 4  # the handshake authenticated both ends by a pre-shared key (§6.4)
+KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH
 
 
 class FrameType:
@@ -49,7 +50,9 @@ class FrameType:
     PING = 0x09
     PONG = 0x0A
     GOAWAY = 0x0B
-    # 0x0C-0x0F reserved: per-chunk ACK, RESUME (see SPEC.md)
+    # 0x0C-0x0D reserved: per-chunk ACK, RESUME (see SPEC.md)
+    AUTH_CHALLENGE = 0x0E  # acceptor: its nonce and its proof of the key (§6.4)
+    AUTH_PROOF = 0x0F  # initiator: its proof of the key
     HAVE = 0x10  # dedup: the receiver holds the first N blocks (and maybe the states)
     # 0x11-0x1F reserved for more of the dedup exchange
     SUBSCRIBE = 0x20

@@ -11,6 +11,7 @@ machine emits. The code lives by concern:
 ``meta``            OPEN: fixed part, token ids, the JSON meta and its validator
 ``peer_frames``     HELLO … GOAWAY, HAVE, CHUNK/ChunkMeta
 ``engine_frames``   SUBSCRIBE, SHM_ATTACH(ED), SHM_CHUNK, LAYER_READY, RELEASE
+``auth``            AUTH_CHALLENGE, AUTH_PROOF, the pre-shared-key MACs
 =================== ==========================================================
 """
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .auth import AuthChallenge, AuthProof
 from .base import frame_header
 from .constants import (  # noqa: F401 - importable from here as before (tests, tools)
+    CAP_AUTH,
     CAP_CODECS,
     CAP_DEDUP,
     CAP_SHM,
@@ -81,6 +84,8 @@ Frame = (
     | ShmChunk
     | LayerReady
     | Release
+    | AuthChallenge
+    | AuthProof
 )
 
 DECODERS: dict[int, Callable[[memoryview], Frame]] = {
@@ -103,11 +108,14 @@ DECODERS: dict[int, Callable[[memoryview], Frame]] = {
         ShmChunk,
         LayerReady,
         Release,
+        AuthChallenge,
+        AuthProof,
     )
 }
 """Body decoders by frame type; CHUNK has none (the connection streams its data)."""
 
 __all__ = [
+    "CAP_AUTH",
     "CAP_CODECS",
     "CAP_DEDUP",
     "CAP_SHM",
@@ -125,6 +133,8 @@ __all__ = [
     "ROLE_ENGINE",
     "ROLE_PEER",
     "Abort",
+    "AuthChallenge",
+    "AuthProof",
     "Chunk",
     "ChunkMeta",
     "Complete",

@@ -21,6 +21,7 @@ class State(Enum):
     AWAIT_PREFACE = auto()  # acceptor: waiting for MAGIC
     AWAIT_HELLO = auto()  # acceptor: waiting for HELLO
     AWAIT_ACCEPT = auto()  # acceptor: HELLO seen, the application has not answered yet
+    AWAIT_PROOF = auto()  # acceptor: AUTH_CHALLENGE sent, waiting for AUTH_PROOF (§6.4)
     AWAIT_ACK = auto()  # initiator: HELLO sent, waiting for HELLO_ACK
     OPEN = auto()
     CLOSED = auto()
@@ -36,11 +37,15 @@ class Event(Enum):
     RECV_HELLO_ACK = auto()
     RECV_PING = auto()
     RECV_GOAWAY = auto()
+    RECV_AUTH_CHALLENGE = auto()
+    RECV_AUTH_PROOF = auto()
     RECV_FRAME = auto()  # any other frame
     SEND_HELLO = auto()  # initiate()
     SEND_HELLO_ACK = auto()  # accept()
     SEND_PING = auto()
     SEND_GOAWAY = auto()  # send(GoAway(...)) or close()
+    SEND_AUTH_CHALLENGE = auto()  # accept(), when the HELLO asked for authentication
+    SEND_AUTH_PROOF = auto()  # prove()
     SEND_FRAME = auto()  # any other frame
     EOF = auto()  # the peer closed its side between frames
     ERROR = auto()  # a protocol error (ours to report with GOAWAY, or the peer's)
@@ -56,6 +61,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     # the initiator: MAGIC + HELLO, then PING only (pipelining) until HELLO_ACK
     (S.IDLE, E.SEND_HELLO): S.AWAIT_ACK,
     (S.AWAIT_ACK, E.SEND_PING): S.AWAIT_ACK,
+    (S.AWAIT_ACK, E.RECV_AUTH_CHALLENGE): S.AWAIT_ACK,  # authenticating (§6.4): once
+    (S.AWAIT_ACK, E.SEND_AUTH_PROOF): S.AWAIT_ACK,
     (S.AWAIT_ACK, E.RECV_HELLO_ACK): S.OPEN,
     (S.AWAIT_ACK, E.RECV_GOAWAY): S.CLOSED,  # refused
     (S.AWAIT_ACK, E.SEND_GOAWAY): S.CLOSED,  # gave up
@@ -68,6 +75,12 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.AWAIT_ACCEPT, E.RECV_GOAWAY): S.CLOSED,  # the initiator gave up
     (S.AWAIT_ACCEPT, E.SEND_HELLO_ACK): S.OPEN,
     (S.AWAIT_ACCEPT, E.SEND_GOAWAY): S.CLOSED,  # refused (role, auth, draining)
+    # ... or, when the HELLO asked for authentication, challenges it first (§6.4)
+    (S.AWAIT_ACCEPT, E.SEND_AUTH_CHALLENGE): S.AWAIT_PROOF,
+    (S.AWAIT_PROOF, E.RECV_AUTH_PROOF): S.AWAIT_ACCEPT,  # verified: accept() answers
+    (S.AWAIT_PROOF, E.RECV_PING): S.AWAIT_PROOF,
+    (S.AWAIT_PROOF, E.RECV_GOAWAY): S.CLOSED,
+    (S.AWAIT_PROOF, E.SEND_GOAWAY): S.CLOSED,
     # both, once open
     (S.OPEN, E.RECV_PING): S.OPEN,
     (S.OPEN, E.RECV_FRAME): S.OPEN,
