@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ..addresses import split_hostport
 from ..protocol import (
+    AuthChallenge,
     ChunkMeta,
     Connection,
     Credit,
@@ -31,6 +33,7 @@ from ..protocol import (
     ProtocolError,
     Role,
 )
+from ..protocol.auth import PeerKey
 
 log = logging.getLogger("kvship.wire")
 
@@ -127,6 +130,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
             self._credit.set()
         if isinstance(frame, Hello | HelloAck | GoAway) and not self.handshake.done():
             self.handshake.set_result(frame)
+        if isinstance(frame, AuthChallenge):  # an initiator proving its key (SPEC §6.4)
+            self.write(self.conn.prove())
+            return
         try:
             self.on_frame(self, frame)
         except ProtocolError as exc:
@@ -252,7 +258,17 @@ class FramedProtocol(asyncio.BufferedProtocol):
             self.error = error
         if self.on_error is not None:
             self.on_error(error)
-        log.warning("closing connection %s: %s", self.peername, error)
+        # A refused handshake repeats as long as the peer's key is wrong: one line per
+        # remote host and code per interval (logs.RepeatFilter). Other errors are one-offs
+        # worth a line per connection.
+        host = self.peername.rsplit(":", 1)[0]
+        repeat = host if error.code is ErrorCode.AUTH_FAILED else self.peername
+        log.warning(
+            "closing connection %s: %s",
+            self.peername,
+            error,
+            extra={"peer": self.peername, "cause": f"{repeat} {error.code.name}"},
+        )
         goaway = self.conn.close(error)  # CLOSED from now on; b"" if a GOAWAY went out
         if self.transport is not None and not self.transport.is_closing():
             self._flush_corked()
@@ -279,10 +295,14 @@ async def open_connection(
     on_close: CloseHandler | None = None,
     *,
     timeout: float = 10.0,
+    key: PeerKey | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> FramedProtocol:
-    """Connect to ``host:port``, ``[v6]:port`` or a Unix socket path, and shake hands."""
+    """Connect to ``host:port``, ``[v6]:port`` or a Unix socket path, and shake hands:
+    proving ``key`` where given (and requiring the far end to prove it too), over TLS
+    where ``tls`` is given (its certificate must name ``host``)."""
     loop = asyncio.get_running_loop()
-    conn = Connection(role=Role.of_hello(hello.role, True), initiator=True)
+    conn = Connection(role=Role.of_hello(hello.role, True), initiator=True, key=key)
 
     def factory() -> FramedProtocol:
         return FramedProtocol(conn, on_frame, on_close)
@@ -293,7 +313,9 @@ async def open_connection(
             _, proto = await loop.create_unix_connection(factory, path)
         else:
             host, port = split_hostport(address)
-            _, proto = await loop.create_connection(factory, host, port)
+            _, proto = await loop.create_connection(
+                factory, host, port, ssl=tls, server_hostname=host if tls else None
+            )
         proto.write(conn.initiate(hello))
         reply = await proto.handshake
         if isinstance(reply, GoAway):

@@ -6,6 +6,7 @@ so a bad config fails at start with a message naming the key, never mid-transfer
 
 from __future__ import annotations
 
+import grp
 import json
 import tempfile
 import tomllib
@@ -15,6 +16,7 @@ from typing import Any
 
 from ..addresses import split_hostport
 from ..ratelimit import RateError, parse_burst, parse_rate
+from .trust import KeyFile, PeerKeys, TlsContexts, TrustError, exposed, read_token
 
 MIB = 1024 * 1024
 MAX_CHUNK = 4 * MIB  # engines choose chunk sizes up to this, or the window if smaller
@@ -36,7 +38,9 @@ class Config:
         "kvshipd", "Name this daemon gives itself in handshakes, logs and /healthz."
     )
     peer_listen: str = _key(
-        "0.0.0.0:7470", "Peer data plane: other kvshipd connect here (host:port, [v6]:port)."
+        "127.0.0.1:7470",
+        "Peer data plane: other kvshipd connect here (host:port, [v6]:port). A non-loopback "
+        "address needs auth_key_file or TLS (or insecure = true).",
     )
     engine_socket: str = _key(
         "/run/kvship/kvshipd.sock",
@@ -101,6 +105,49 @@ class Config:
     drain_timeout_s: float = _key(
         30.0, "On SIGTERM: running transfers may finish for up to this long."
     )
+    auth_key_file: str = _key(
+        "",
+        "Pre-shared keys (TOML, mode 0600; docs/security.md): peers must prove one in the "
+        'handshake (HMAC challenge-response, both ways), and this daemon proves its own. "" = '
+        "no authentication.",
+    )
+    auth_key_id: str = _key(
+        "",
+        'Key this daemon proves when it connects to peers (an id in auth_key_file; "" = the '
+        "file's only key). The file's [peers] table may name another key per peer.",
+    )
+    allow_senders: str = _key(
+        "",
+        "Key ids that may connect and send KV into this daemon (comma-separated, or a TOML "
+        'list); "" = every key in auth_key_file.',
+    )
+    tls_cert: str = _key(
+        "",
+        "TLS 1.3 on peer links, mutual: this daemon's certificate chain (PEM). With tls_key "
+        'and tls_ca; reloaded on SIGHUP. "" = no TLS.',
+    )
+    tls_key: str = _key("", "Private key of tls_cert (PEM; mode 0600).")
+    tls_ca: str = _key(
+        "",
+        "CA bundle (PEM) peers' certificates must chain to; a peer's certificate must also "
+        "name the host this daemon dials (SAN DNS or IP).",
+    )
+    insecure: bool = _key(
+        False,
+        "Allow a non-loopback peer_listen without auth_key_file or TLS, or a non-loopback "
+        "engine_listen: anyone who reaches the port can push KV into the store. Warned at "
+        "start and in /healthz.",
+    )
+    control_token_file: str = _key(
+        "",
+        "File (mode 0600) with the bearer token mutating control endpoints (PUT /v1/links/...) "
+        'need from non-loopback clients; "" = those endpoints are loopback only.',
+    )
+    engine_socket_group: str = _key(
+        "",
+        'Group given the engine socket (mode 0660), so engines in it may connect; "" = the '
+        "daemon's own group.",
+    )
     log_level: str = _key("info", "debug | info | warning | error.")
     log_format: str = _key(
         "plain", "plain (human lines) | json (one JSON object per line, for log pipelines)."
@@ -163,7 +210,52 @@ class Config:
             "engine_socket",
             "engine_socket or engine_listen must be set",
         )
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        need(all(tls) or not any(tls), "tls_cert", "tls_cert, tls_key and tls_ca go together")
+        need(
+            bool(self.auth_key_file) or not (self.auth_key_id or self.allow_senders),
+            "auth_key_id" if self.auth_key_id else "allow_senders",
+            "needs auth_key_file",
+        )
+        if not self.insecure:
+            need(
+                not exposed(self.peer_listen) or self.protected,
+                "peer_listen",
+                "not loopback, and neither auth_key_file nor TLS is set: anyone who reaches "
+                "it could push KV into this daemon's store. Configure auth_key_file and/or "
+                "tls_cert (docs/security.md), or set insecure = true",
+            )
+            need(
+                not exposed(self.engine_listen),
+                "engine_listen",
+                "not loopback: engines authenticate by reaching loopback or the Unix socket "
+                "only. Keep it on loopback, or set insecure = true",
+            )
         return self
+
+    @property
+    def protected(self) -> bool:
+        """Peers authenticate (a key file) or the link is mutual TLS."""
+        return bool(self.auth_key_file or self.tls_cert)
+
+    @property
+    def exposure_warnings(self) -> list[str]:
+        """What ``insecure = true`` let through: said at start and in /healthz."""
+        out = []
+        if exposed(self.peer_listen) and not self.protected:
+            out.append(
+                f"peer_listen {self.peer_listen} takes unauthenticated peers (insecure = true)"
+            )
+        if exposed(self.engine_listen):
+            out.append(
+                f"engine_listen {self.engine_listen} takes any engine on the network "
+                "(insecure = true)"
+            )
+        return out
+
+    @property
+    def sender_list(self) -> list[str]:
+        return [p.strip() for p in self.allow_senders.split(",") if p.strip()]
 
     @property
     def peer_list(self) -> list[str]:
@@ -171,16 +263,17 @@ class Config:
 
 
 _TYPES = {f.name: f.type for f in fields(Config)}
-_CASTS: dict[str, type] = {"str": str, "int": int, "float": float}
+_CASTS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+_LISTS = ("peers", "allow_senders")  # str keys a TOML list may give
 
 
 def _coerce(key: str, value: Any) -> Any:
-    if key == "peers" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if key in _LISTS and isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # peers = ["a:7470", "b:7470"]
     kind = _CASTS[str(_TYPES[key])]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     return value
 
@@ -215,8 +308,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def preflight(config: Config) -> None:
-    """What the config needs of the machine, checked before any port is bound: the engine
-    socket's directory exists (it is created, as a start would) and takes a new file."""
+    """What the config needs of the machine, checked before any port is bound: the key,
+    token and TLS files load; the engine socket's group exists, and its directory exists
+    (it is created, as a start would) and takes a new file."""
+    try:
+        load_trust(config)
+    except TrustError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.engine_socket_group:
+        try:
+            grp.getgrnam(config.engine_socket_group)
+        except KeyError:
+            raise ConfigError(
+                f"engine_socket_group: no group {config.engine_socket_group!r}"
+            ) from None
     if not config.engine_socket:
         return
     directory = Path(config.engine_socket).parent
@@ -228,6 +333,30 @@ def preflight(config: Config) -> None:
         raise ConfigError(
             f"engine_socket: cannot make the socket in {directory}: {exc.strerror or exc}"
         ) from None
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The secrets and contexts the config names, loaded."""
+
+    accepted_keys: dict[str, bytes] | None  # peer listener: None = no authentication
+    peer_keys: PeerKeys | None  # what this daemon proves when it connects
+    tls: TlsContexts | None
+    control_token: str  # "" = mutating control endpoints are loopback only
+
+
+def load_trust(config: Config) -> Trust:
+    """Read the key, token and TLS files (TrustError naming the file if one is bad)."""
+    accepted = peer_keys = None
+    if config.auth_key_file:
+        keys = KeyFile.load(config.auth_key_file)
+        accepted = keys.accepted(config.sender_list)
+        peer_keys = PeerKeys(keys, keys.own(config.auth_key_id))
+    tls = None
+    if config.tls_cert:
+        tls = TlsContexts(config.tls_cert, config.tls_key, config.tls_ca)
+    token = read_token(config.control_token_file) if config.control_token_file else ""
+    return Trust(accepted, peer_keys, tls, token)
 
 
 def reference_markdown() -> str:

@@ -9,7 +9,8 @@ worker thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ from .links import LinkPool
 from .metrics import Metrics
 from .registry import TransferRegistry
 from .stores import StoreSet
+from .trust import is_loopback
+
+MUTATING = frozenset({"PUT", "POST", "DELETE", "PATCH"}) - {"POST"}  # POSTs here only query
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ControlView:
     registry: TransferRegistry
     links: LinkPool
     stores: StoreSet
+    control_token: Callable[[], str] = lambda: ""  # "" = mutating endpoints loopback only
 
 
 VIEW_KEY: web.AppKey[ControlView] = web.AppKey("view")
@@ -177,8 +182,31 @@ async def _cached_tokens(stores: StoreSet, body: dict[str, Any]) -> int:
     return stores.cached_blocks(layout, tp_rank, keys) * layout.block_tokens
 
 
+@web.middleware
+async def guard_changes(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Endpoints that change the daemon answer loopback clients, or a client with the
+    bearer token of ``control_token_file``; anyone else gets 403 (reads stay open: metrics
+    scrapers and routers need them)."""
+    if request.method in MUTATING and not is_loopback(request.remote or ""):
+        token = request.app[VIEW_KEY].control_token()
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            why = "a wrong or missing bearer token" if token else "no control_token_file set"
+            request.app[VIEW_KEY].metrics.control_refused.inc()
+            return web.json_response(
+                {
+                    "error": f"{request.method} {request.path} from {request.remote}: {why}; "
+                    "changes come from loopback or with Authorization: Bearer <token>"
+                },
+                status=403,
+            )
+    return await handler(request)
+
+
 def make_app(view: ControlView) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[guard_changes])
     app[VIEW_KEY] = view
     app[ROUTER_LOCK_KEY] = asyncio.Lock()
     app.router.add_get("/healthz", healthz)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
+from dataclasses import replace
 from typing import Any
 
 from ..aio.tasks import spawn
@@ -16,6 +18,7 @@ from .config import Config
 from .kernel import TcpBuffers
 from .metrics import Metrics
 from .peers import LinkSettings, PeerLink
+from .trust import PeerKeys
 
 log = logging.getLogger("kvship.links")
 
@@ -23,9 +26,16 @@ RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0  # a configured peer's reconnect backoff (w
 
 
 class LinkPool:
-    def __init__(self, config: Config, codecs: CodecPool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        codecs: CodecPool,
+        metrics: Metrics,
+        keys: PeerKeys | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = LinkSettings(
-            config.node_name, config.connections_per_peer, config.connect_timeout_s
+            config.node_name, config.connections_per_peer, config.connect_timeout_s, keys, tls
         )
         self.codecs = codecs
         self.metrics = metrics
@@ -105,12 +115,13 @@ class LinkPool:
             link.bucket.set_limits(rate, burst)  # raises RateError before changing anything
         self.peer_limits[peer] = (rate, burst)
 
-    def reload(self, config: Config) -> None:
-        """SIGHUP: the new file's rate limits and compression (validated first: a bad
-        value raises before anything changes)."""
+    def reload(self, config: Config, keys: PeerKeys | None = None) -> None:
+        """SIGHUP: the new file's rate limits, compression and keys (validated first: a
+        bad value raises before anything changes). New connections prove the new keys."""
         egress = (parse_rate(config.egress_rate), parse_burst(config.egress_burst))
         peer = (parse_rate(config.peer_rate), parse_burst(config.peer_burst))
         self.egress.set_limits(*egress)
+        self.settings = replace(self.settings, keys=keys)
         self.default_limits = peer
         self.compression = config.compression
         for address, link in self.links.items():

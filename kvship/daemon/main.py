@@ -55,6 +55,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ready-file", help="write the bound addresses as JSON here once listening"
     )
+    trust = parser.add_argument_group("trust (files only: secrets never go on the command line)")
+    trust.add_argument("--auth-key-file", dest="auth_key_file", help="pre-shared keys (TOML)")
+    trust.add_argument("--auth-key-id", dest="auth_key_id", help="key proved to peers")
+    trust.add_argument("--allow-senders", dest="allow_senders", help="key ids that may send")
+    trust.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain")
+    trust.add_argument("--tls-key", dest="tls_key", help="PEM private key")
+    trust.add_argument("--tls-ca", dest="tls_ca", help="PEM CA bundle peers must chain to")
+    trust.add_argument("--control-token-file", dest="control_token_file")
+    trust.add_argument("--engine-socket-group", dest="engine_socket_group")
+    trust.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback listener without authentication (warned)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -139,6 +139,11 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.control_refused = Counter(
+            "kvship_control_refused",
+            "Control-plane changes refused: not from loopback and without the bearer token",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "kvship_transfers_in_flight", "Transfers in progress", ["direction"], registry=r
         )

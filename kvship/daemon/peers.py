@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from ..protocol import (
 from ..ratelimit import Scheduler, TokenBucket, format_rate
 from .codecpool import CodecPool
 from .metrics import Metrics
+from .trust import PeerKeys
 
 log = logging.getLogger("kvship.peer")
 
@@ -60,6 +62,8 @@ class LinkSettings:
     node_name: str
     connections: int  # striped TCP connections per link
     connect_timeout_s: float
+    keys: PeerKeys | None = None  # the key to prove to each peer (None: no authentication)
+    tls: ssl.SSLContext | None = None  # TLS client context of peer links (None: plain TCP)
 
 
 class LinkFigures:
@@ -182,6 +186,8 @@ class PeerLink:
                             self._on_frame,
                             self._on_close,
                             timeout=cfg.connect_timeout_s,
+                            key=None if cfg.keys is None else cfg.keys.for_peer(self.address),
+                            tls=cfg.tls,
                         )
                         for _ in range(cfg.connections)
                     )

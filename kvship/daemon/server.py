@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from ..protocol import (
     CAP_STRIPING,
     ROLE_ENGINE,
     ROLE_PEER,
+    AuthProof,
     Connection,
     ErrorCode,
     Frame,
@@ -39,7 +41,7 @@ from ..protocol import (
 )
 from .budget import StagingBudget
 from .codecpool import CodecPool
-from .config import MAX_CHUNK, Config
+from .config import MAX_CHUNK, Config, load_trust
 from .control import ControlView
 from .engine_api import EngineSession
 from .inbound import PeerInbox
@@ -72,7 +74,10 @@ class Daemon:
         self.registry = TransferRegistry(metrics)
         self.budget = StagingBudget(config.staging_bytes, metrics.staged_bytes)
         self.stores = StoreSet(config.store_bytes)
-        self.links = LinkPool(config, self.codecs, metrics)
+        self.trust = trust = load_trust(config)
+        self.links = LinkPool(
+            config, self.codecs, metrics, trust.peer_keys, trust.tls.client if trust.tls else None
+        )
         self.inbox = PeerInbox(
             ReceiveContext(
                 self.budget,
@@ -103,7 +108,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         cfg = self.config
         host, port = split_hostport(cfg.peer_listen)
-        srv = await loop.create_server(lambda: self._accept("peer"), host, port)
+        tls = self.trust.tls.server if self.trust.tls else None
+        srv = await loop.create_server(lambda: self._accept("peer"), host, port, ssl=tls)
         self.servers.append(srv)
         self.addresses["peer"] = _bound(srv)
         if cfg.engine_socket:
@@ -113,6 +119,8 @@ class Daemon:
                 os.unlink(path)
             srv = await loop.create_unix_server(lambda: self._accept("engine_unix"), path)
             os.chmod(path, 0o660)
+            if cfg.engine_socket_group:
+                os.chown(path, -1, grp.getgrnam(cfg.engine_socket_group).gr_gid)
             self.servers.append(srv)
             self.addresses["engine_socket"] = path
         if cfg.engine_listen:
@@ -125,7 +133,14 @@ class Daemon:
         for line in self.links.kernel_advice:
             log.warning(line, extra={"cause": "kernel socket buffers"})
         self.lag.start()
-        log.info("kvshipd %s listening: %s", cfg.node_name, self.addresses)
+        for line in cfg.exposure_warnings:
+            log.warning("INSECURE: %s", line, extra={"cause": "insecure"})
+        log.info(
+            "kvshipd %s listening: %s (peers: %s)",
+            cfg.node_name,
+            self.addresses,
+            self.security()["peer_auth"],
+        )
 
     async def drain(self, deadline_s: float | None = None) -> bool:
         """Stop taking new transfers; wait for running ones (True if all finished)."""
@@ -160,9 +175,20 @@ class Daemon:
                 os.unlink(self.config.engine_socket)
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: apply the new file's rate limits and compression (validated before
-        anything changes)."""
-        self.links.reload(config)
+        """SIGHUP: apply the new file's rate limits, compression, keys and TLS files
+        (all validated before anything changes)."""
+        trust = load_trust(config)
+        if (trust.tls is None) != (self.trust.tls is None):
+            raise ValueError("TLS on or off needs a restart (tls_cert was set or cleared)")
+        if (trust.accepted_keys is None) != (self.trust.accepted_keys is None):
+            raise ValueError("authentication on or off needs a restart (auth_key_file)")
+        if self.trust.tls is not None and trust.tls is not None:
+            tls = self.trust.tls  # the listener holds these contexts: load into them
+            tls.cert, tls.key, tls.ca = trust.tls.cert, trust.tls.key, trust.tls.ca
+            tls.reload()
+            trust = replace(trust, tls=tls)
+        self.links.reload(config, trust.peer_keys)
+        self.trust = trust
         self.config = replace(
             self.config,
             egress_rate=config.egress_rate,
@@ -183,12 +209,18 @@ class Daemon:
         if kind == "peer":
             inbox = self.inbox
             conn = Connection(
-                role=Role.PEER, initiator=False, limits=self.limits, payload_sink=inbox.sink()
+                role=Role.PEER,
+                initiator=False,
+                limits=self.limits,
+                payload_sink=inbox.sink(),
+                keys=self.trust.accepted_keys,
             )
 
             def on_peer_frame(proto: FramedProtocol, frame: Frame) -> None:
                 if isinstance(frame, Hello):
                     self._handshake(proto, frame, ROLE_PEER, PEER_CAPS)
+                elif isinstance(frame, AuthProof):  # verified by the core: now HELLO_ACK
+                    proto.write(proto.conn.accept())
                 else:
                     inbox.on_frame(proto, frame)
 
@@ -250,15 +282,37 @@ class Daemon:
 
     # ---------------------------------------------------------- control plane
     def health(self) -> dict[str, Any]:
+        warnings = self.config.exposure_warnings
         return {
             "status": "draining" if self.draining else "ok",
             "node": self.config.node_name,
             "uptime_s": round(time.time() - self.started, 3),
             "addresses": self.addresses,
+            "security": self.security(),
+            "insecure": bool(warnings),
+            "warnings": warnings,
+        }
+
+    def security(self) -> dict[str, Any]:
+        """How peers are trusted (no secrets): /healthz and the start line say it."""
+        trust = self.trust
+        return {
+            "peer_auth": "none" if trust.accepted_keys is None else "psk",
+            "accepted_keys": sorted(trust.accepted_keys or ()),
+            "own_key": "" if trust.peer_keys is None else trust.peer_keys.default,
+            "tls": trust.tls is not None,
+            "control_token": bool(trust.control_token),
         }
 
     def control_view(self) -> ControlView:
-        return ControlView(self.health, self.metrics, self.registry, self.links, self.stores)
+        return ControlView(
+            self.health,
+            self.metrics,
+            self.registry,
+            self.links,
+            self.stores,
+            lambda: self.trust.control_token,
+        )
 
 
 def _bound(server: asyncio.Server) -> str:
