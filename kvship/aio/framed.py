@@ -319,7 +319,10 @@ async def open_connection(
         proto.write(conn.initiate(hello))
         reply = await proto.handshake
         if isinstance(reply, GoAway):
-            raise ConnectionRefusedError(f"{address} refused the handshake: {reply.message}")
+            code = ErrorCode(reply.code).name if reply.code in set(ErrorCode) else reply.code
+            raise ConnectionRefusedError(
+                f"{address} refused the handshake: {code}: {reply.message}"
+            )
         if not isinstance(reply, HelloAck):
             raise ConnectionError(f"{address} answered the handshake with {reply!r}")
         return proto

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..proxy.command import add_proxy_parser
     from ..router.command import add_route_parser
     from .demo import add_demo_parser
+    from .keygen import add_keygen_parser
     from .layout import add_layout_parser
     from .status import add_status_parser
     from .transfer import add_recv_parser, add_send_parser
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_layout_parser(sub)
     add_conformance_parser(sub)
     add_proxy_parser(sub)
+    add_keygen_parser(sub)
     return parser
 
 
