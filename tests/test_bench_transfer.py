@@ -62,3 +62,13 @@ def test_bench_vs_mooncake_ships_the_same_bytes_through_mooncake() -> None:
     assert result["mooncake_bitexact"] is True
     assert isinstance(result["mooncake_GBps"], float) and result["mooncake_GBps"] > 0
     assert isinstance(result["ratio_vs_mooncake"], float)
+
+
+def test_bench_tls_runs_the_same_transfer_over_mutual_tls() -> None:
+    result = _bench("--tls")
+    assert result["digest_match"] is True and result["tls_digest_match"] is True
+    runs = result["tls_runs_GBps"]
+    assert isinstance(runs, list) and len(runs) == 1 and runs[0] > 0
+    assert result["tls_ratio_vs_plain"] == pytest.approx(
+        result["tls_goodput_GBps"] / result["goodput_GBps"], rel=0.02  # type: ignore[operator]
+    )

@@ -43,7 +43,7 @@ def _ids(cases: list[dict[str, Any]]) -> list[str]:
 
 
 # ------------------------------------------------------------ the kit vs the vectors
-BYTE_FIELDS = {"auth", "data"}  # fields the vectors write as hex
+BYTE_FIELDS = {"auth", "data", "nonce", "mac"}  # fields the vectors write as hex
 
 
 def _native(fields: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,10 @@ def shaped_link() -> Iterator[tuple[str, str]]:
 
 
 def start(ns: str, name: str, addr: str, workdir: Path, *extra: str) -> DaemonProcess:
-    daemon = DaemonProcess(name, workdir, list(extra), prefix=["ip", "netns", "exec", ns])
+    # The veth addresses live only in the namespaces this test made: nobody else can reach
+    # them, so the daemons may listen there without keys (insecure: not loopback).
+    args = ["--insecure", *extra]
+    daemon = DaemonProcess(name, workdir, args, prefix=["ip", "netns", "exec", ns])
     daemon.host = addr
     return daemon.start()
 

@@ -11,6 +11,8 @@ committed files are up to date.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import importlib.util
 import json
 from pathlib import Path
@@ -24,8 +26,13 @@ from kvship.layout.model import FullAttention
 from kvship.layout.prefix import PREFIX_SEED, block_keys, full_prefix_key, namespace, root_key
 from kvship.payload import Decoder
 from kvship.protocol import (
+    CAP_STRIPING,
     CODEC_RAW,
+    MAGIC,
+    ROLE_PEER,
     Abort,
+    AuthChallenge,
+    AuthProof,
     Chunk,
     ChunkMeta,
     Complete,
@@ -46,6 +53,7 @@ from kvship.protocol import (
     Pong,
     ProtocolError,
     Release,
+    Role,
     ShmAttach,
     ShmAttached,
     ShmChunk,
@@ -56,6 +64,7 @@ from kvship.protocol import (
     chunk_table,
     digest_of_checksums,
 )
+from kvship.protocol.auth import PeerKey
 from kvship.protocol.frames import DECODERS, HEADER, HEADER_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +72,8 @@ VECTORS = ROOT / "protocol" / "vectors"
 CASES = {p.stem: json.loads(p.read_text()) for p in sorted(VECTORS.glob("*.json"))}
 
 CLASSES: dict[str, type] = {
+    "AUTH_CHALLENGE": AuthChallenge,
+    "AUTH_PROOF": AuthProof,
     "HELLO": Hello,
     "HELLO_ACK": HelloAck,
     "OPEN": Open,
@@ -111,6 +122,9 @@ def from_fields(type_name: str, fields: dict[str, Any]) -> Any:
         assert type(f["states"]) is int and f["states"] in (0, 1)
     if type_name == "HELLO":
         f["auth"] = bytes.fromhex(f["auth"])
+    for name in ("nonce", "mac"):  # AUTH_CHALLENGE, AUTH_PROOF
+        if name in f:
+            f[name] = bytes.fromhex(f[name])
     return CLASSES[type_name](**f)
 
 
@@ -181,7 +195,7 @@ def test_vectors_present() -> None:
     for name, case in CASES.items():
         assert case["name"] == name
         assert {"name", "kind", "hex", "fields"} <= case.keys()
-        assert case["kind"] in ("frame", "stream", "digest", "dedup", "error")
+        assert case["kind"] in ("frame", "stream", "auth", "digest", "dedup", "error")
 
 
 @pytest.mark.parametrize("name", of_kind("frame"))
@@ -215,6 +229,49 @@ def test_coded_chunk_vector(name: str) -> None:
         assert data[8 + hi_len : 8 + hi_len + m] == raw[0 : 2 * m : 2]  # the low bytes
         assert data[len(data) - t :] == raw[len(raw) - t :]
         assert data[8:12] == b"\x28\xb5\x2f\xfd"  # a zstd frame's magic
+
+
+@pytest.mark.parametrize("name", of_kind("auth"))
+def test_auth_vector(name: str) -> None:
+    """The MACs from SPEC §6.4's formulas alone (hashlib, hmac), and the reference state
+    machine with the same nonces reproducing every byte."""
+    f = {k: bytes.fromhex(v) if k != "key_id" else v for k, v in CASES[name]["fields"].items()}
+    k = hashlib.sha256(f["secret"]).digest()
+
+    def framed(*parts: bytes) -> bytes:
+        return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+    hello, ack = f["hello"][8:], f["hello_ack"][8:]  # bodies: after the 8-byte header
+    assert hello.endswith(f["nonce_i"] + f["key_id"].encode())  # HELLO's auth, last field
+    mac_a = hmac.digest(
+        k, b"kvship-auth-v1 acceptor\0" + framed(f["nonce_a"], hello, ack), "sha256"
+    )
+    mac_i = hmac.digest(k, b"kvship-auth-v1 initiator\0" + framed(f["nonce_a"], hello), "sha256")
+    assert (mac_a, mac_i) == (f["mac_a"], f["mac_i"])
+    assert f["challenge"][8:] == f["nonce_a"] + mac_a and f["proof"][8:] == mac_i
+    assert bytes.fromhex(CASES[name]["hex"]) == MAGIC + f["hello"] + f["proof"]
+    initiator = Connection(
+        role=Role.PEER,
+        initiator=True,
+        key=PeerKey(f["key_id"], f["secret"]),
+        random_bytes=lambda n: f["nonce_i"],
+    )
+    acceptor = Connection(
+        role=Role.PEER,
+        initiator=False,
+        keys={f["key_id"]: f["secret"]},
+        random_bytes=lambda n: f["nonce_a"],
+    )
+    sent = initiator.initiate(Hello(ROLE_PEER, "prefill-a", capabilities=CAP_STRIPING))
+    assert sent == MAGIC + f["hello"]
+    acceptor.receive_data(sent)
+    assert acceptor.accept("decode-b", CAP_STRIPING) == f["challenge"]
+    initiator.receive_data(f["challenge"])
+    assert initiator.prove() == f["proof"]
+    acceptor.receive_data(f["proof"])
+    assert acceptor.accept() == f["hello_ack"]
+    initiator.receive_data(f["hello_ack"])
+    assert initiator.state is acceptor.state is State.OPEN
 
 
 @pytest.mark.parametrize("name", of_kind("stream"))

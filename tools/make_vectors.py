@@ -27,6 +27,7 @@ from kvship.layout.model import FullAttention, LinearState, ModelLayout
 from kvship.layout.prefix import PREFIX_SEED, block_keys, full_prefix_key, namespace, root_key
 from kvship.payload import Encoder
 from kvship.protocol import (
+    CAP_AUTH,
     CAP_CODECS,
     CAP_SHM,
     CAP_STRIPING,
@@ -37,9 +38,12 @@ from kvship.protocol import (
     ROLE_ENGINE,
     ROLE_PEER,
     Abort,
+    AuthChallenge,
+    AuthProof,
     Chunk,
     ChunkMeta,
     Complete,
+    Connection,
     Credit,
     End,
     ErrorCode,
@@ -55,6 +59,7 @@ from kvship.protocol import (
     Ping,
     Pong,
     Release,
+    Role,
     ShmAttach,
     ShmAttached,
     ShmChunk,
@@ -64,6 +69,7 @@ from kvship.protocol import (
     digest_of_checksums,
     frame_header,
 )
+from kvship.protocol.auth import PeerKey
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "protocol" / "vectors"
@@ -224,6 +230,16 @@ def frames() -> list[dict[str, Any]]:
             "HELLO from an engine on the local API, offering CAP_SHM, no auth",
         ),
         frame_case(
+            "auth_challenge",
+            AuthChallenge(bytes(range(32)), bytes(range(32, 64))),
+            "AUTH_CHALLENGE: the acceptor's 32-byte nonce and its 32-byte MAC (SPEC §6.4)",
+        ),
+        frame_case(
+            "auth_proof",
+            AuthProof(bytes(range(64, 96))),
+            "AUTH_PROOF: the initiator's 32-byte MAC (SPEC §6.4)",
+        ),
+        frame_case(
             "hello_ack",
             HelloAck(1, CAP_STRIPING, 16 * 2**20, 16 * 2**20 + 64, 4 * 2**20, 64, "decode-b"),
             "HELLO_ACK: version 1, the capability intersection, the acceptor's limits",
@@ -363,6 +379,57 @@ def streams() -> list[dict[str, Any]]:
                 "accept": False,
             },
         },
+    ]
+
+
+AUTH_SECRET = bytes(range(0x40, 0x60))  # 32 bytes
+AUTH_NONCE_I = bytes(range(0x00, 0x20))
+AUTH_NONCE_A = bytes(range(0x80, 0xA0))
+
+
+def auths() -> list[dict[str, Any]]:
+    """One whole pre-shared-key handshake (SPEC §6.4) with fixed nonces."""
+    key = PeerKey("cluster-1", AUTH_SECRET)
+    initiator = Connection(
+        role=Role.PEER, initiator=True, key=key, random_bytes=lambda n: AUTH_NONCE_I[:n]
+    )
+    acceptor = Connection(
+        role=Role.PEER,
+        initiator=False,
+        keys={key.key_id: key.secret},
+        random_bytes=lambda n: AUTH_NONCE_A[:n],
+    )
+    hello = initiator.initiate(Hello(ROLE_PEER, "prefill-a", capabilities=CAP_STRIPING))
+    acceptor.receive_data(hello)
+    challenge = acceptor.accept("decode-b", CAP_STRIPING)
+    initiator.receive_data(challenge)
+    proof = initiator.prove()
+    acceptor.receive_data(proof)
+    ack = acceptor.accept()
+    initiator.receive_data(ack)
+    assert initiator.authenticated_key == acceptor.authenticated_key == key.key_id
+    assert initiator.negotiated.capabilities == CAP_STRIPING | CAP_AUTH
+    return [
+        {
+            "name": "auth_psk",
+            "kind": "auth",
+            "description": "A pre-shared-key handshake (SPEC §6.4): hex is what the initiator "
+            "sends (MAGIC, HELLO, AUTH_PROOF); the fields give the key, both nonces, each "
+            "message and both MACs",
+            "hex": (hello + proof).hex(),
+            "fields": {
+                "key_id": key.key_id,
+                "secret": AUTH_SECRET.hex(),
+                "nonce_i": AUTH_NONCE_I.hex(),
+                "nonce_a": AUTH_NONCE_A.hex(),
+                "hello": hello[len(MAGIC) :].hex(),
+                "challenge": challenge.hex(),
+                "proof": proof.hex(),
+                "hello_ack": ack.hex(),
+                "mac_a": challenge[8 + 32 :].hex(),
+                "mac_i": proof[8:].hex(),
+            },
+        }
     ]
 
 
@@ -635,7 +702,7 @@ def errors() -> list[dict[str, Any]]:
 
 def build() -> dict[str, dict[str, Any]]:
     """Every case by file name; the order of keys inside each case is fixed."""
-    cases = frames() + streams() + digests() + dedups() + errors()
+    cases = frames() + streams() + auths() + digests() + dedups() + errors()
     names = [case["name"] for case in cases]
     assert len(set(names)) == len(names), "duplicate vector names"
     return {f"{case['name']}.json": case for case in cases}

@@ -23,6 +23,7 @@ from typing import Any
 from ..daemon.config import Config
 from ..ratelimit import parse_burst, parse_rate
 from ..units import parse_size
+from .pki import Pki, make_pki
 from .spawn import DaemonProcess
 
 DEFAULT_BURST = Config().peer_burst
@@ -71,8 +72,11 @@ def measure_baseline(total: int, chunk: int, workdir: Path) -> float:
     return float(json.loads(out.decode().strip())["t_end"]) - float(sent["t_start"])
 
 
-def measure_kvship(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def measure_kvship(
+    opts: argparse.Namespace, workdir: Path, tls: Pki | None = None
+) -> dict[str, Any]:
     daemon_args = [
+        *(tls.flags() if tls else []),
         "--peer-rate",
         opts.rate,
         "--compression",
@@ -232,17 +236,20 @@ class WireSampler:
 def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
     if opts.bytes < opts.layers or opts.bytes % (2 * opts.layers):
         raise ValueError("--bytes must be a multiple of 2 x --layers (fp16 layers)")
-    runs, baselines, mooncake = [], [], []
+    runs, baselines, mooncake, tls_runs = [], [], [], []
     python = opts.mooncake_python or sys.executable
     why_not = mooncake_unavailable(python) if opts.vs == "mooncake" else None
     with tempfile.TemporaryDirectory(prefix="kvship-bench-") as tmp:
         workdir = Path(tmp)
+        pki = make_pki(workdir / "pki") if opts.tls else None
         for i in range(opts.repeat):  # interleaved: every side sees the same machine noise
             if not opts.no_baseline:
                 baselines.append(measure_baseline(opts.bytes, opts.chunk_bytes, workdir))
             if opts.vs == "mooncake" and why_not is None:
                 mooncake.append(measure_mooncake(opts, python))
             runs.append(measure_kvship(opts, workdir))
+            if pki is not None:
+                tls_runs.append(measure_kvship(opts, workdir, pki))
             if not opts.json:
                 print(
                     f"run {i + 1}/{opts.repeat}: {opts.bytes / runs[-1]['seconds'] / 1e9:.2f} GB/s",
@@ -282,8 +289,22 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "syscalls_per_chunk": _syscalls_per_chunk(runs, -(-opts.bytes // opts.chunk_bytes)),
         "cpu_s_per_GiB": _cpu_per_gib(runs, opts.bytes),
         **_mooncake_figures(opts, goodput, mooncake, why_not),
+        **_tls_figures(opts.bytes, goodput, tls_runs),
         "runs_GBps": [round(opts.bytes / r["seconds"] / 1e9, 3) for r in runs],
         "baseline_runs_GBps": [round(opts.bytes / s / 1e9, 3) for s in baselines],
+    }
+
+
+def _tls_figures(payload: int, goodput: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same transfer over mutual TLS 1.3 peer links, run after each plain one."""
+    if not runs:
+        return {}
+    tls = payload / statistics.median(r["seconds"] for r in runs) / 1e9
+    return {
+        "tls_goodput_GBps": round(tls, 3),
+        "tls_ratio_vs_plain": round(tls / goodput, 3),
+        "tls_digest_match": all(r["digest_match"] for r in runs),
+        "tls_runs_GBps": [round(payload / r["seconds"] / 1e9, 3) for r in runs],
     }
 
 
@@ -392,6 +413,12 @@ def add_bench_parser(sub: Any) -> None:
         default="",
         help="an interpreter with mooncake-transfer-engine-non-cuda (default: this one)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run each transfer over mutual TLS 1.3 peer links (throwaway certificates): "
+        "tls_goodput_GBps, tls_ratio_vs_plain",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     d = p.add_argument_group("dedup workloads (--workload prefix | prefix-pair)")
     d.add_argument(
@@ -428,7 +455,7 @@ def _cmd_bench(opts: argparse.Namespace) -> int:
         result = run_bench(opts)
     if opts.json:
         print(json.dumps(result))
-        return 0 if result["digest_match"] else 1
+        return 0 if result["digest_match"] and result.get("tls_digest_match", True) else 1
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

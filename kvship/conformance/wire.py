@@ -63,6 +63,8 @@ FRAME_TYPES: dict[str, int] = {
     "PING": 0x09,
     "PONG": 0x0A,
     "GOAWAY": 0x0B,
+    "AUTH_CHALLENGE": 0x0E,
+    "AUTH_PROOF": 0x0F,
     "HAVE": 0x10,
     "SUBSCRIBE": 0x20,
     "SHM_ATTACH": 0x21,
@@ -327,6 +329,12 @@ def unpack_chunk_meta(raw: bytes) -> Fields:
     }
 
 
+def _fixed_bytes(value: bytes, size: int) -> bytes:
+    if len(value) != size:
+        raise ValueError(f"expected {size} bytes, got {len(value)}")
+    return bytes(value)
+
+
 def encode_body(name: str, f: Fields) -> bytes:
     """The body of frame ``name`` from its fields (no checks: a check may lie on purpose)."""
     if name == "HELLO":
@@ -382,6 +390,10 @@ def encode_body(name: str, f: Fields) -> bytes:
         return _ABORT.pack(f["transfer_id"], f["code"]) + _str16(f.get("message", ""))
     if name in ("PING", "PONG"):
         return _U64.pack(f["opaque"])
+    if name == "AUTH_CHALLENGE":  # §5.18: nonce (32) + mac (32)
+        return _fixed_bytes(f["nonce"], 32) + _fixed_bytes(f["mac"], 32)
+    if name == "AUTH_PROOF":  # §5.19
+        return _fixed_bytes(f["mac"], 32)
     if name == "GOAWAY":
         return _U16.pack(f["code"]) + _str16(f.get("message", ""))
     if name == "HAVE":
@@ -523,6 +535,12 @@ def decode_body(name: str, body: bytes) -> Fields:
     if name in ("PING", "PONG"):
         _exact(body, _U64.size, name)
         return {"opaque": _U64.unpack(body)[0]}
+    if name == "AUTH_CHALLENGE":
+        _exact(body, 64, name)
+        return {"nonce": body[:32], "mac": body[32:]}
+    if name == "AUTH_PROOF":
+        _exact(body, 32, name)
+        return {"mac": body}
     if name == "GOAWAY":
         (code,) = r.unpack(_U16, "GOAWAY code")
         message = r.str16("message")
