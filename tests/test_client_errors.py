@@ -28,7 +28,8 @@ from kvship.errors import (
 from kvship.layout import layout_of
 
 # A slow link keeps a transfer in flight for seconds: 4 MiB of random bytes at 8 Mbit/s.
-CAPPED = ["--peer-rate", "8mbit", "--peer-burst", "256KiB"]
+# A killed decode daemon does not come back here: the sender stops resuming after 2 s.
+CAPPED = ["--peer-rate", "8mbit", "--peer-burst", "256KiB", "--resume-timeout-s", "2"]
 N_LAYERS, LAYER_BYTES = 4, 1 << 20
 VIA = ["engine_socket", "engine"]  # the Unix socket (shared-memory arena) and TCP
 

@@ -404,16 +404,16 @@ def test_sender_refuses_chunk_above_max_chunk() -> None:
 # -------------------------------------------------------------------- extensibility
 def test_ignorable_unknown_frames_are_skipped() -> None:
     _, server = pair()
-    unknown = frame_header(0x0C, 3, FLAG_IGNORABLE) + b"abc"
+    unknown = frame_header(0x30, 3, FLAG_IGNORABLE) + b"abc"
     empty = frame_header(0xFE, 0, FLAG_IGNORABLE | 0x01)
     assert server.receive_data(unknown + empty + Ping(5).encode()) == [Ping(5)]
 
 
 def test_unknown_non_ignorable_frame() -> None:
     _, server = pair()
-    expect_error(server, frame_header(0x0C, 3) + b"abc", ErrorCode.UNKNOWN_FRAME)
+    expect_error(server, frame_header(0x30, 3) + b"abc", ErrorCode.UNKNOWN_FRAME)
     server = Connection(initiator=False)  # ignorable does not help before the handshake
-    expect_error(server, MAGIC + frame_header(0x0C, 0, FLAG_IGNORABLE), ErrorCode.UNKNOWN_FRAME)
+    expect_error(server, MAGIC + frame_header(0x30, 0, FLAG_IGNORABLE), ErrorCode.UNKNOWN_FRAME)
 
 
 def test_unknown_flag_bits_ignored_on_known_frames() -> None:

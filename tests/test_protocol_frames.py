@@ -20,6 +20,7 @@ from kvship.protocol import (
     ROLE_ENGINE,
     ROLE_PEER,
     Abort,
+    Ack,
     AuthChallenge,
     AuthProof,
     Chunk,
@@ -40,6 +41,7 @@ from kvship.protocol import (
     Pong,
     ProtocolError,
     Release,
+    Resume,
     ShmAttach,
     ShmAttached,
     ShmChunk,
@@ -89,6 +91,9 @@ SAMPLES: list[Any] = [
     Release(8192, 20),
     AuthChallenge(bytes(range(32)), b"\xff" * 32),
     AuthProof(bytes(range(32, 64))),
+    Ack(7, (0, 5, 2**20 - 1)),
+    Resume.of(7, 13, {0, 3, 12}),
+    Resume.of(8, 0, set()),
 ]
 
 

@@ -16,12 +16,14 @@ import pytest
 from kvship.protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
     MAGIC,
     ROLE_ENGINE,
     ROLE_PEER,
     Abort,
+    Ack,
     Chunk,
     ChunkMeta,
     Complete,
@@ -41,6 +43,7 @@ from kvship.protocol import (
     Pong,
     ProtocolError,
     Release,
+    Resume,
     Role,
     ShmAttach,
     ShmAttached,
@@ -52,7 +55,7 @@ from kvship.protocol import (
 from kvship.protocol.roles import MAY_SEND
 from test_protocol_send import snapshot
 
-PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP
+PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME
 LAYERS = (LayerSpec("uint8", (8,), 8),)
 DATA = b"01234567"
 META = ChunkMeta(1, 0, 0, 0, 8, chunk_checksum(DATA))
@@ -99,6 +102,8 @@ LEGAL: dict[tuple[Side, int], tuple[list[Step], Any]] = {
         Complete(1, 8, 0),
     ),
     (S.PEER_ACCEPTOR, T.HAVE): ([("them", peer_open())], Have(1, 0, False)),
+    (S.PEER_ACCEPTOR, T.ACK): ([("them", peer_open())], Ack(1, (0,))),
+    (S.PEER_ACCEPTOR, T.RESUME): ([("them", peer_open())], Resume.of(1, 1, {0})),
     (S.ENGINE, T.OPEN): ([], put_open()),
     (S.ENGINE, T.CHUNK): ([("me", put_open())], Chunk(META, DATA)),
     (S.ENGINE, T.END): ([("me", put_open())], End(1, 0, 0)),
@@ -152,6 +157,8 @@ SAMPLES: dict[int, Any] = {
     T.END: End(1, 0, 0),
     T.COMPLETE: Complete(1, 8, 0),
     T.HAVE: Have(1, 0, False),
+    T.ACK: Ack(1, (0,)),
+    T.RESUME: Resume.of(1, 1, set()),
     T.SUBSCRIBE: Subscribe("req", 0),
     T.SHM_ATTACH: ShmAttach(1 << 20, "/dev/shm/a"),
     T.SHM_ATTACHED: ShmAttached(1 << 20),

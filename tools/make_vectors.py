@@ -343,7 +343,7 @@ def frames() -> list[dict[str, Any]]:
 
 
 def streams() -> list[dict[str, Any]]:
-    ignorable = frame_header(0x0C, 4, FLAG_IGNORABLE) + b"\x00\x01\x02\x03"
+    ignorable = frame_header(0x30, 4, FLAG_IGNORABLE) + b"\x00\x01\x02\x03"
     return [
         {
             "name": "handshake",
@@ -355,7 +355,7 @@ def streams() -> list[dict[str, Any]]:
         {
             "name": "ignorable_unknown_frame",
             "kind": "stream",
-            "description": "After the handshake, an unknown type 0x0C with FLAG_IGNORABLE is "
+            "description": "After the handshake, an unknown type 0x30 with FLAG_IGNORABLE is "
             "skipped; the PING after it is decoded",
             "hex": (MAGIC + HELLO_PEER.encode() + ignorable + Ping(1).encode()).hex(),
             "fields": {
@@ -556,7 +556,7 @@ def errors() -> list[dict[str, Any]]:
         ),
         error_case(
             "unknown_frame",
-            hello + frame_header(0x0C, 4) + b"\x00\x01\x02\x03",
+            hello + frame_header(0x30, 4) + b"\x00\x01\x02\x03",
             ErrorCode.UNKNOWN_FRAME,
             "An unknown frame type without FLAG_IGNORABLE",
         ),

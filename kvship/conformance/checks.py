@@ -720,12 +720,12 @@ async def _unknown_type(ctx: Ctx) -> str:
 
 @check("frame.unknown_type_ignorable", "§13")
 async def _unknown_ignorable(ctx: Ctx) -> str:
-    """Unknown types 0x7E and 0x0C (reserved, not yet assigned) with FLAG_IGNORABLE are
+    """Unknown types 0x7E and 0x11 (reserved, not yet assigned) with FLAG_IGNORABLE are
     skipped: the PING after them is answered."""
     link = await ctx.hello()
     await link.send(
         wire.frame(0x7E, b"future frame", wire.FLAG_IGNORABLE)
-        + wire.frame(0x0C, b"", wire.FLAG_IGNORABLE)
+        + wire.frame(0x11, b"", wire.FLAG_IGNORABLE)
     )
     await expect_alive(link)
     return "skipped, PING answered"

@@ -372,7 +372,7 @@ def encode_body(name: str, f: Fields) -> bytes:
             f.get("n_stripes", 1),
             f.get("stripe", 0),
             f.get("priority", 0),
-            0,
+            1 if f.get("resume") else 0,  # flags: bit 0 = resume (§5.3, §7.7)
             0,
             len(tokens),
         )
@@ -473,8 +473,8 @@ def decode_body(name: str, body: bytes) -> Fields:
             "node_name": node_name,
         }
     if name == "OPEN":
-        (tid, total, n_chunks, chunk_size, n_stripes, stripe, priority, _, _, n_tokens) = r.unpack(
-            _OPEN, "OPEN fixed part"
+        (tid, total, n_chunks, chunk_size, n_stripes, stripe, priority, flags, _, n_tokens) = (
+            r.unpack(_OPEN, "OPEN fixed part")
         )
         tokens = list(struct.unpack(f">{n_tokens}I", r.take(4 * n_tokens, "token_ids")))
         meta = decode_meta(r.rest())
@@ -500,6 +500,7 @@ def decode_body(name: str, body: bytes) -> Fields:
             "priority": priority,
             "peer": meta["peer"],
             "extra": meta["extra"],
+            "resume": bool(flags & 1),
             "total_bytes": total,
             "n_chunks": n_chunks,
         }

@@ -102,6 +102,12 @@ class Config:
         120.0, "A received transfer nobody claims, or one that stalls, is dropped after this."
     )
     connect_timeout_s: float = _key(10.0, "Connecting to a peer daemon gives up after this.")
+    resume_timeout_s: float = _key(
+        60.0,
+        "A transfer whose peer connections are lost resumes on new ones (reconnecting with "
+        "backoff, sending only what the receiver lacks) for up to this long; then both "
+        "sides fail it (TIMEOUT) and both engines hear why.",
+    )
     drain_timeout_s: float = _key(
         30.0, "On SIGTERM: running transfers may finish for up to this long."
     )
@@ -185,7 +191,13 @@ class Config:
         need(1 <= self.compress_workers <= 64, "compress_workers", "must be 1..64")
         need(self.store_bytes >= 4 * MIB, "store_bytes", "must be >= 4 MiB")
         need(self.staging_bytes >= self.window_bytes, "staging_bytes", "must be >= window_bytes")
-        for key in ("subscribe_timeout_s", "retention_s", "connect_timeout_s", "drain_timeout_s"):
+        for key in (
+            "subscribe_timeout_s",
+            "retention_s",
+            "connect_timeout_s",
+            "resume_timeout_s",
+            "drain_timeout_s",
+        ):
             need(0 < getattr(self, key) <= 86400, key, "must be > 0 and at most a day")
         need(
             self.log_level.lower() in ("debug", "info", "warning", "error"),

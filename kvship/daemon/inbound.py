@@ -10,6 +10,7 @@ from ..aio import FramedProtocol
 from ..protocol import CAP_DEDUP, Abort, Chunk, ChunkMeta, End, ErrorCode, Frame, Open, Ping, Pong
 from .incoming import IncomingTransfer, ReceiveContext
 from .logs import transfer_fields
+from .records import TransferState
 from .registry import TransferRegistry
 
 log = logging.getLogger("kvship.in")
@@ -64,6 +65,9 @@ class PeerInbox:
 
     def _on_open(self, proto: FramedProtocol, frame: Open) -> None:
         transfer = self.registry.incoming.get(frame.transfer_id)
+        if frame.resume:
+            self._on_resume(proto, frame, transfer)
+            return
         if transfer is not None:  # another stripe of a transfer we know
             transfer.add_stripe(proto, frame)
             return
@@ -98,6 +102,25 @@ class PeerInbox:
         transfer.add_stripe(proto, frame)
         if "dedup" in frame.extra and proto.conn.negotiated.capabilities & CAP_DEDUP:
             transfer.start_dedup(proto)
+
+    def _on_resume(
+        self, proto: FramedProtocol, frame: Open, transfer: IncomingTransfer | None
+    ) -> None:
+        """A sender re-opens a transfer on a new connection (SPEC §7.7): go on where it
+        stopped, repeat the COMPLETE it may have missed, or say this daemon lost it."""
+        tid = frame.transfer_id
+        completion = self.registry.completed.get(tid)
+        if transfer is not None and transfer.state is TransferState.OPEN:
+            transfer.resume(proto, frame)
+        elif completion is not None:  # every byte is here: the COMPLETE was lost
+            proto.send(completion)
+            proto.conn.forget(tid)
+        else:
+            message = (
+                f"transfer {tid:016x} is not known here (this daemon restarted or dropped "
+                "it): it cannot resume"
+            )
+            self._refuse(proto, frame, ErrorCode.UNKNOWN_TRANSFER, message, "resume unknown")
 
     def _refuse(
         self, proto: FramedProtocol, frame: Open, code: ErrorCode, message: str, cause: str

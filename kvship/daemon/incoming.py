@@ -27,8 +27,10 @@ from typing import Protocol
 from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, skipped_bytes
 from ..protocol import (
+    CAP_RESUME,
     CODEC_RAW,
     Abort,
+    Ack,
     Chunk,
     ChunkMeta,
     Complete,
@@ -38,6 +40,7 @@ from ..protocol import (
     LayerSpec,
     Open,
     ProtocolError,
+    Resume,
     TransferDigest,
     chunk_checksum,
     chunk_table,
@@ -116,6 +119,10 @@ class IncomingTransfer:
         self.changed = asyncio.Event()  # wakes the delivery
         self._delivered_any = False
         self.last_activity = time.monotonic()
+        self.completion: Complete | None = None  # the COMPLETE sent (a resume repeats it)
+        self.resumes = 0  # times the sender re-opened it on new connections
+        self._acks: dict[FramedProtocol, list[int]] = {}  # chunk ACKs to flush, per conn
+        self._ack_scheduled = False
         self.record = TransferRecord(
             self.id,
             "in",
@@ -149,6 +156,38 @@ class IncomingTransfer:
         if opened.stripe in self.stripe_conns:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"stripe {opened.stripe} opened twice")
         self.stripe_conns[opened.stripe] = conn
+
+    def resume(self, conn: FramedProtocol, opened: Open) -> None:
+        """The sender re-opens the transfer on a new connection (SPEC §7.7): the stripe
+        moves there (its old connection's late frames are dropped), the stripe count may
+        change, and the sender learns which chunks are held here (RESUME)."""
+        same = (
+            opened.request_id == self.request_id
+            and opened.layers == self.layers
+            and opened.chunk_size == self.opened.chunk_size
+            and opened.token_ids == self.opened.token_ids
+        )
+        if not same:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a resumed stripe disagrees")
+        self.n_stripes = opened.n_stripes
+        for stripe in [s for s in self.stripe_conns if s >= self.n_stripes or s == opened.stripe]:
+            old = self.stripe_conns.pop(stripe)
+            if old is not conn:
+                old.conn.forget(self.id)
+        for stripe in [s for s in self.ends if s >= self.n_stripes or s == opened.stripe]:
+            del self.ends[stripe]  # the sender ENDs every new stripe again
+        self.stripe_conns[opened.stripe] = conn
+        if opened.stripe == 0:
+            self.resumes += 1
+            self.ctx.metrics.transfers_resumed.inc()
+        self.last_activity = time.monotonic()
+        held = self.digest.held() | self._skipped
+        conn.send(Resume.of(self.id, self.opened.n_chunks, held))
+
+    @property
+    def suspended(self) -> bool:
+        """Arriving, but every stripe's connection is gone (waiting for a resume)."""
+        return self.state is TransferState.OPEN and not self.stripe_conns
 
     def start_dedup(self, conn: FramedProtocol) -> None:
         """The sender's manifest: checked in a worker (it hashes the whole prompt), then
@@ -205,7 +244,13 @@ class IncomingTransfer:
         dest = self.destination_of
         # An engine that left has unmapped its arena: its layers' bytes go to daemon
         # memory (its delivery fails the transfer); the peer connection is never at fault.
-        if self.state is TransferState.OPEN and dest is not None and dest.attached:
+        # A second copy of a held chunk (a resumed transfer) never touches the arena.
+        if (
+            self.state is TransferState.OPEN
+            and dest is not None
+            and dest.attached
+            and not self.digest.has(meta.chunk_index)
+        ):
             layer = meta.layer
             offset = self.regions.get(layer)
             if offset is None:
@@ -228,6 +273,11 @@ class IncomingTransfer:
         meta, data = chunk.meta, chunk.view
         if self.state is not TransferState.OPEN:  # failed: bytes are read and dropped
             conn.grant(len(data))
+            return
+        if self.digest.has(meta.chunk_index) and _resumable(conn):
+            conn.grant(len(data))  # a resumed sender's second copy: held already
+            self.ctx.metrics.chunks_duplicate.inc()
+            self._ack(conn, meta.chunk_index)
             return
         if meta.chunk_index in self._skipped:  # HAVE said it is held: a sender that gave up
             conn.grant(len(data))  # waiting sends it anyway; only this transfer is wrong
@@ -269,8 +319,8 @@ class IncomingTransfer:
                 return
         finally:
             self.decoding -= 1
-        if self.state is not TransferState.OPEN:
-            conn.grant(len(wire))
+        if self.state is not TransferState.OPEN or self.digest.has(meta.chunk_index):
+            conn.grant(len(wire))  # failed meanwhile, or a copy that overtook it is in
             return
         self._accept(conn, meta, out, in_arena, len(wire))
         self._maybe_received()
@@ -300,9 +350,29 @@ class IncomingTransfer:
         if self.pending[meta.layer] == 0:
             self.ready.append(meta.layer)
             self.changed.set()
+        if _resumable(conn):
+            self._ack(conn, meta.chunk_index)
+
+    def _ack(self, conn: FramedProtocol, index: int) -> None:
+        """ACK ``index`` to the sender: batched per connection, sent at the end of this
+        loop turn (with the CREDIT grants of the same chunks)."""
+        self._acks.setdefault(conn, []).append(index)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        acks, self._acks = self._acks, {}
+        for conn, chunks in acks.items():
+            if conn.is_open:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    conn.send(Ack(self.id, tuple(chunks)))
 
     def on_end(self, conn: FramedProtocol, end: End) -> None:
         stripe = next((s for s, c in self.stripe_conns.items() if c is conn), None)
+        if stripe is None and conn.conn.is_forgotten(self.id):
+            return  # a stripe that moved to a new connection (resume): its END is void
         if stripe is None or stripe in self.ends:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "END on a connection with no stripe")
         self.ends[stripe] = end
@@ -326,7 +396,8 @@ class IncomingTransfer:
             return
         self.record.state = TransferState.RECEIVED
         self.last_activity = time.monotonic()
-        self._to_sender(Complete(self.id, self.opened.total_bytes, digest))
+        self.completion = Complete(self.id, self.opened.total_bytes, digest)
+        self._to_sender(self.completion)
         self.changed.set()
         self.ctx.on_received(self)
 
@@ -339,12 +410,24 @@ class IncomingTransfer:
                     return
 
     def on_stripe_lost(self, conn: FramedProtocol, error: BaseException | None) -> None:
-        if self.state is TransferState.OPEN and conn in self.stripe_conns.values():
-            self.fail(
-                ErrorCode.PEER_UNREACHABLE,
-                f"a stripe's connection closed: {error}",
-                tell_sender=False,
+        if self.state is not TransferState.OPEN or conn not in self.stripe_conns.values():
+            return
+        if _resumable(conn):  # the sender comes back and resumes (or the reaper fails it)
+            for stripe in [s for s, c in self.stripe_conns.items() if c is conn]:
+                del self.stripe_conns[stripe]
+            self._acks.pop(conn, None)
+            self.last_activity = time.monotonic()
+            log.info(
+                "incoming transfer from %s: a stripe's connection closed (%s); waiting for "
+                "the sender to resume",
+                self.record.peer,
+                error,
+                extra=self.log_fields(cause=f"stripe lost {self.record.peer}"),
             )
+            return
+        self.fail(
+            ErrorCode.PEER_UNREACHABLE, f"a stripe's connection closed: {error}", tell_sender=False
+        )
 
     # ------------------------------------------------------- delivery API
     @property
@@ -459,3 +542,7 @@ class IncomingTransfer:
     def _release_layer(self, layer: int) -> None:
         chunks = self.held.pop(layer, [])
         self.ctx.budget.unhold(sum(len(buf) for _, buf in chunks))
+
+
+def _resumable(conn: FramedProtocol) -> bool:
+    return bool(conn.conn.negotiated.capabilities & CAP_RESUME)

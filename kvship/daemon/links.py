@@ -35,7 +35,12 @@ class LinkPool:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = LinkSettings(
-            config.node_name, config.connections_per_peer, config.connect_timeout_s, keys, tls
+            config.node_name,
+            config.connections_per_peer,
+            config.connect_timeout_s,
+            config.resume_timeout_s,
+            keys,
+            tls,
         )
         self.codecs = codecs
         self.metrics = metrics

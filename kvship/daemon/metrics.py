@@ -139,6 +139,22 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.transfers_resumed = Counter(
+            "kvship_transfers_resumed",
+            "Transfers re-opened on new connections after theirs were lost (SPEC §7.7)",
+            registry=r,
+        )
+        self.chunks_resent = Counter(
+            "kvship_chunks_resent",
+            "Chunks sent again on a resumed transfer (lost with their connection, unacked)",
+            registry=r,
+        )
+        self.chunks_duplicate = Counter(
+            "kvship_chunks_duplicate",
+            "Chunks received again though already held (a resumed sender's second copy): "
+            "dropped, acknowledged",
+            registry=r,
+        )
         self.control_refused = Counter(
             "kvship_control_refused",
             "Control-plane changes refused: not from loopback and without the bearer token",

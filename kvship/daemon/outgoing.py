@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, Manifest, skipped_bytes, skipped_chunks
 from ..protocol import (
     CAP_DEDUP,
+    CAP_RESUME,
     CODEC_RAW,
     HEADER_SIZE,
     Abort,
+    Ack,
     ChunkMeta,
     Complete,
     End,
@@ -32,6 +35,7 @@ from ..protocol import (
     Have,
     LocalProtocolError,
     Open,
+    Resume,
     digest_of_checksums,
 )
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
@@ -43,6 +47,7 @@ from .peers import PeerLink
 from .records import TransferRecord, TransferState
 
 HAVE_TIMEOUT_S = 10.0  # a receiver that never answers the manifest: send everything
+RESUME_BACKOFF_MIN_S, RESUME_BACKOFF_MAX_S = 0.1, 5.0  # reconnect waits (jittered x0.5..1.5)
 PRIORITY_LATENCY = 1  # OPEN.priority: 0 = bulk, 1 = latency (served first on a link)
 
 log = logging.getLogger("kvship.out")
@@ -52,6 +57,11 @@ Release = Callable[[], None]
 
 def _nothing() -> None:
     pass
+
+
+def _consume(future: asyncio.Future[Resume]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 CHUNK_OVERHEAD = HEADER_SIZE + ChunkMeta.FIXED.size  # bytes a CHUNK frame adds to its data
@@ -102,6 +112,14 @@ class OutgoingTransfer:
         self.have: asyncio.Future[Have] = asyncio.get_running_loop().create_future()
         self.link: PeerLink | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        # Resume (SPEC §7.7, when the link has CAP_RESUME): a sent chunk's memory is held
+        # until the receiver ACKs it, so chunks lost with a connection can go again.
+        self.resumable = False
+        self.unacked: dict[int, _Queued] = {}
+        self.inflight: dict[int, _Queued] = {}  # per stripe: the chunk being sent
+        self.ended = False  # the engine's END arrived (and checked out)
+        self.resuming: asyncio.Future[Resume] | None = None  # the receiver's RESUME
+        self.resumes = 0
         self.done: asyncio.Future[TransferState] = asyncio.get_running_loop().create_future()
         self.record = TransferRecord(
             transfer_id,
@@ -160,6 +178,7 @@ class OutgoingTransfer:
         if engine_end.digest != self._digest():
             self.fail(ErrorCode.DIGEST_MISMATCH, "engine digest does not match its chunks")
             return
+        self.ended = True
         for q in self.queues:
             q.put_nowait(_END)
 
@@ -227,73 +246,234 @@ class OutgoingTransfer:
             )
             return
         self.link.transfers[self.id] = self
+        self.resumable = bool(conns[0].conn.negotiated.capabilities & CAP_RESUME)
         try:
-            for stripe, conn in enumerate(conns):
-                conn.send(
-                    dataclasses.replace(
-                        self.opened,
-                        transfer_id=self.id,
-                        n_stripes=len(conns),
-                        stripe=stripe,
-                        peer="",
-                    )
-                )
+            self._open(conns, resume=False)
         except LocalProtocolError as exc:  # e.g. the link already carries max_transfers
             self.fail(exc.code, f"cannot open on the link to {self.opened.peer}: {exc.message}")
             return
         await self._negotiate_dedup(conns)
         if self.done.done():
             return
+        self._start_stripes(conns)
+
+    def _open(self, conns: list[FramedProtocol], *, resume: bool) -> None:
+        for stripe, conn in enumerate(conns):
+            conn.send(
+                dataclasses.replace(
+                    self.opened,
+                    transfer_id=self.id,
+                    n_stripes=len(conns),
+                    stripe=stripe,
+                    peer="",
+                    resume=resume,
+                )
+            )
+
+    def _start_stripes(self, conns: list[FramedProtocol]) -> None:
         self.tasks.extend(
             spawn(self._stripe(i, conn), name=f"out-{self.id:x}-{i}")
             for i, conn in enumerate(conns)
         )
 
     async def _stripe(self, index: int, conn: FramedProtocol) -> None:
-        queue, metrics, link = self.queues[index], self.ctx.metrics, self.link
+        queue = self.queues[index]
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
+                    return
+                self.queued_bytes -= len(item[1])
+                self.inflight[index] = item
+                if not await self._send_one(index, conn, item):
+                    return  # the link failed under it: a resume sends it again
+                del self.inflight[index]
+        except asyncio.CancelledError:
+            held = self.inflight.pop(index, None)
+            if held is not None:
+                if self.resumable and not self.done.done():
+                    self.unacked[held[0].chunk_index] = held
+                else:
+                    held[2]()
+            raise
+
+    async def _send_one(self, index: int, conn: FramedProtocol, item: _Queued) -> bool:
+        """Send one chunk (or skip it); False if the link failed under it, which then
+        waits in ``unacked`` for a resume (or the transfer failed)."""
+        metrics, link = self.ctx.metrics, self.link
         assert link is not None
-        sent_bytes = metrics.bytes_sent.labels(self.opened.peer)
-        wire_bytes = metrics.wire_bytes_sent.labels(self.opened.peer)
-        queue_wait = metrics.queue_wait_seconds
-        while True:
-            item = await queue.get()
-            if item is _END:
-                conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
-                return
-            meta, data, release, queued_at = item
-            self.queued_bytes -= len(data)
-            waited = time.monotonic() - queued_at
-            link.figures.waited(waited)
-            queue_wait.observe(waited)
-            if meta.chunk_index in self.skip:  # the receiver holds it already
-                release()
-                continue
-            # Not verified here: the receiving daemon checks every chunk, and a corrupt
-            # one fails only its transfer there (SPEC §7.4), so a corrupt engine costs
-            # its own transfer, never the link.
-            raw_length, wire = len(data), data
-            codec = link.codec_for(self.opened.layers[meta.layer].dtype)
-            if codec != CODEC_RAW:
-                used, coded = await self.ctx.codecs.encode(data, codec)
-                if used != CODEC_RAW:
-                    release()  # the coded copy is what travels: the engine gets its slot back
-                    release = _nothing
-                    meta, wire = dataclasses.replace(meta, codec=used), memoryview(coded)
-            try:
-                await link.scheduler.acquire(self.id, len(wire) + CHUNK_OVERHEAD, self.priority)
-                await conn.send_chunk(meta, wire)
-            except (ConnectionError, SchedulerClosed) as exc:
+        meta, data, release, queued_at = item
+        waited = time.monotonic() - queued_at
+        link.figures.waited(waited)
+        metrics.queue_wait_seconds.observe(waited)
+        if meta.chunk_index in self.skip:  # the receiver holds it already
+            release()
+            return True
+        # Not verified here: the receiving daemon checks every chunk, and a corrupt
+        # one fails only its transfer there (SPEC §7.4), so a corrupt engine costs
+        # its own transfer, never the link.
+        raw_length, wire = len(data), data
+        codec = link.codec_for(self.opened.layers[meta.layer].dtype)
+        if codec != CODEC_RAW:
+            used, coded = await self.ctx.codecs.encode(data, codec)
+            if used != CODEC_RAW:
+                release()  # the coded copy is what travels: the engine gets its slot back
+                release = _nothing
+                meta, wire = dataclasses.replace(meta, codec=used), memoryview(coded)
+        sent = (meta, wire, release, queued_at)
+        self.inflight[index] = sent  # what a resume must send again from now on
+        try:
+            await link.scheduler.acquire(self.id, len(wire) + CHUNK_OVERHEAD, self.priority)
+            await conn.send_chunk(meta, wire)
+        except (ConnectionError, SchedulerClosed) as exc:
+            del self.inflight[index]
+            if self.resumable:
+                self.unacked[meta.chunk_index] = sent
+            else:
                 release()
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
-                return
+            return False
+        if self.resumable:
+            self.unacked[meta.chunk_index] = sent  # freed by the receiver's ACK
+        else:
             release()
-            self.sent_on_stripe[index] += 1
-            link.note_sent(raw_length, len(wire) + CHUNK_OVERHEAD)
-            self.record.bytes_done += raw_length
-            self.record.chunks_done += 1
-            sent_bytes.inc(raw_length)
-            wire_bytes.inc(len(wire) + CHUNK_OVERHEAD)
-            metrics.chunks_sent.inc()
+        self.sent_on_stripe[index] += 1
+        link.note_sent(raw_length, len(wire) + CHUNK_OVERHEAD)
+        self.record.bytes_done += raw_length
+        self.record.chunks_done += 1
+        metrics.bytes_sent.labels(self.opened.peer).inc(raw_length)
+        metrics.wire_bytes_sent.labels(self.opened.peer).inc(len(wire) + CHUNK_OVERHEAD)
+        metrics.chunks_sent.inc()
+        return True
+
+    # --------------------------------------------------------------- resume
+    def on_ack(self, frame: Ack) -> None:
+        for index in frame.chunks:
+            item = self.unacked.pop(index, None)
+            if item is not None:
+                item[2]()
+
+    def on_resume(self, frame: Resume) -> None:
+        if self.resuming is not None and not self.resuming.done():
+            self.resuming.set_result(frame)
+
+    def on_link_lost(self, reason: str) -> bool:
+        """Every connection of the link is gone: resume on a new link (SPEC §7.7)."""
+        if not self.resumable or self.done.done():
+            return False
+        if self.resuming is not None:  # lost again while resuming: try the next link now
+            if not self.resuming.done():
+                self.resuming.set_exception(ConnectionError(reason))
+            return True
+        current = asyncio.current_task()
+        stripes = [task for task in self.tasks if task is not current]
+        for task in stripes:
+            task.cancel()
+        self.link = None
+        self.resuming = asyncio.get_running_loop().create_future()
+        self.resuming.add_done_callback(_consume)
+        self.tasks = [spawn(self._resume(stripes, reason), name=f"resume-{self.id:x}")]
+        return True
+
+    async def _resume(self, stripes: list[asyncio.Task[None]], reason: str) -> None:
+        """Reconnect with capped exponential backoff and jitter, re-open the transfer with
+        the resume flag, learn what the receiver holds, send the rest."""
+        await asyncio.gather(*stripes, return_exceptions=True)  # their chunks are back
+        settings = self.ctx.links.settings
+        deadline = time.monotonic() + settings.resume_timeout_s
+        delay = RESUME_BACKOFF_MIN_S
+        log.info(
+            "transfer to %s lost its link (%s): resuming",
+            self.opened.peer,
+            reason,
+            extra=self.log_fields(cause=f"resuming {self.opened.peer}"),
+        )
+        while not self.done.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fail(
+                    ErrorCode.PEER_UNREACHABLE,
+                    f"link lost, not resumed within {settings.resume_timeout_s:g} s: {reason}",
+                )
+                return
+            link = None
+            try:
+                link = await asyncio.wait_for(self.ctx.links.get(self.opened.peer), remaining)
+                if not link.conns[0].conn.negotiated.capabilities & CAP_RESUME:
+                    self.fail(ErrorCode.PEER_UNREACHABLE, f"{self.opened.peer} cannot resume")
+                    return
+                assert self.resuming is not None
+                if self.resuming.done():  # a loss reported while connecting: a fresh wait
+                    self.resuming = asyncio.get_running_loop().create_future()
+                    self.resuming.add_done_callback(_consume)
+                self.link = link
+                link.transfers[self.id] = self
+                self._open(link.conns, resume=True)
+                wait = min(remaining, settings.connect_timeout_s)
+                answer = await asyncio.wait_for(asyncio.shield(self.resuming), wait)
+            except LocalProtocolError as exc:
+                self.fail(exc.code, f"cannot resume on {self.opened.peer}: {exc.message}")
+                return
+            except Exception as exc:  # connect refused, link lost again, no answer: retry
+                reason = f"{type(exc).__name__}: {exc}"
+                if link is not None:
+                    link.transfers.pop(self.id, None)
+                self.link = None
+                self.resuming = asyncio.get_running_loop().create_future()
+                self.resuming.add_done_callback(_consume)
+                pause = min(delay * random.uniform(0.5, 1.5), max(0.0, remaining))
+                await asyncio.sleep(pause)
+                delay = min(2 * delay, RESUME_BACKOFF_MAX_S)
+                continue
+            if answer.n_chunks != self.opened.n_chunks:
+                self.fail(ErrorCode.PROTOCOL_ERROR, "RESUME for another number of chunks")
+                return
+            self.resuming = None
+            self._restripe(answer, len(link.conns))
+            self.resumes += 1
+            self._start_stripes(link.conns)
+            log.info(
+                "transfer to %s resumed (%d times): %d chunks to send again",
+                self.opened.peer,
+                self.resumes,
+                self.queued_chunks,
+                extra=self.log_fields(),
+            )
+            return
+
+    def _restripe(self, held: Resume, n_stripes: int) -> None:
+        """Queue again, over the new link's stripes, every chunk the receiver lacks: the
+        unacknowledged ones first sent on the lost link, and those never sent."""
+        pending: list[_Queued] = []
+        for queue in self.queues:
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is not _END:
+                    self.queued_bytes -= len(item[1])
+                    pending.append(item)
+        unacked, self.unacked = self.unacked, {}
+        resent = 0
+        for index, item in unacked.items():
+            if held.holds(index):
+                item[2]()
+            else:
+                pending.append(item)
+                resent += 1
+        self.ctx.metrics.chunks_resent.inc(resent)
+        self.n_stripes = n_stripes
+        self.queues = [asyncio.Queue() for _ in range(n_stripes)]
+        self.sent_on_stripe = [0] * n_stripes
+        for item in sorted(pending, key=lambda it: it[0].chunk_index):
+            meta = item[0]
+            if held.holds(meta.chunk_index):
+                item[2]()
+                continue
+            self.queued_bytes += len(item[1])
+            self.queues[meta.chunk_index % n_stripes].put_nowait(item)
+        if self.ended:
+            for queue in self.queues:
+                queue.put_nowait(_END)
 
     def on_complete(self, frame: Complete) -> None:
         if self.done.done():
@@ -356,6 +536,9 @@ class OutgoingTransfer:
                 item = q.get_nowait()
                 if item is not _END:
                     item[2]()
+        unacked, self.unacked = self.unacked, {}
+        for item in unacked.values():
+            item[2]()
         if self.link is not None:
             self.link.transfers.pop(self.id, None)
             # The peer answers on one stripe only (SPEC §7.4): every other stripe's core

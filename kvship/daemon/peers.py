@@ -19,9 +19,11 @@ from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_RESUME,
     CAP_STRIPING,
     ROLE_PEER,
     Abort,
+    Ack,
     Complete,
     ErrorCode,
     Frame,
@@ -30,6 +32,7 @@ from ..protocol import (
     Hello,
     Ping,
     Pong,
+    Resume,
 )
 from ..ratelimit import Scheduler, TokenBucket, format_rate
 from .codecpool import CodecPool
@@ -54,6 +57,14 @@ class LinkTransfer(Protocol):
 
     def on_have(self, frame: Have) -> None: ...
 
+    def on_ack(self, frame: Ack) -> None: ...
+
+    def on_resume(self, frame: Resume) -> None: ...
+
+    def on_link_lost(self, reason: str) -> bool:
+        """The link died: resume on a new one (True), or not resumable (False)."""
+        ...
+
     def fail(self, code: ErrorCode, message: str, *, tell_peer: bool = ...) -> None: ...
 
 
@@ -62,6 +73,7 @@ class LinkSettings:
     node_name: str
     connections: int  # striped TCP connections per link
     connect_timeout_s: float
+    resume_timeout_s: float = 60.0  # a transfer whose link is lost resumes for this long
     keys: PeerKeys | None = None  # the key to prove to each peer (None: no authentication)
     tls: ssl.SSLContext | None = None  # TLS client context of peer links (None: plain TCP)
 
@@ -175,7 +187,8 @@ class PeerLink:
 
     async def connect(self) -> None:
         cfg = self.settings
-        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=CAP_STRIPING | CAP_CODECS | CAP_DEDUP)
+        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME
+        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=caps)
         try:
             self.conns = list(
                 await asyncio.gather(
@@ -305,6 +318,14 @@ class PeerLink:
             transfer = self.transfers.get(frame.transfer_id)
             if transfer is not None:
                 transfer.on_have(frame)
+        elif isinstance(frame, Ack):
+            transfer = self.transfers.get(frame.transfer_id)
+            if transfer is not None:
+                transfer.on_ack(frame)
+        elif isinstance(frame, Resume):
+            transfer = self.transfers.get(frame.transfer_id)
+            if transfer is not None:
+                transfer.on_resume(frame)
         elif isinstance(frame, Ping):
             conn.send(Pong(frame.opaque))
         elif isinstance(frame, Pong):
@@ -350,8 +371,10 @@ class PeerLink:
                     "cause": f"link lost {self.address}",
                 },
             )
-        for transfer in list(self.transfers.values()):
-            transfer.fail(ErrorCode.PEER_UNREACHABLE, reason, tell_peer=False)
+        transfers, self.transfers = self.transfers, {}
+        for transfer in transfers.values():
+            if not transfer.on_link_lost(reason):
+                transfer.fail(ErrorCode.PEER_UNREACHABLE, reason, tell_peer=False)
 
     def close(self) -> None:
         self.dead = True

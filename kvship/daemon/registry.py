@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import ErrorCode
+from ..protocol import Complete, ErrorCode
 from .metrics import Metrics
 from .records import TransferRecord, TransferState
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .outgoing import OutgoingTransfer
 
 HISTORY = 1000  # finished transfers kept for /v1/transfers
+COMPLETED_MAX = 1024  # COMPLETEs remembered for senders that resume after the last one
 
 
 class TransferRegistry:
@@ -32,6 +33,9 @@ class TransferRegistry:
         self.history: OrderedDict[int, TransferRecord] = OrderedDict()
         self._history_max = history
         self._waiters: dict[str, list[asyncio.Future[IncomingTransfer]]] = {}
+        # COMPLETEs sent lately, by transfer id: a sender whose connections dropped before
+        # the COMPLETE reached it resumes, and gets it again (SPEC §7.7).
+        self.completed: OrderedDict[int, Complete] = OrderedDict()
 
     # ------------------------------------------------------------- adding
     def add_outgoing(self, transfer: OutgoingTransfer) -> None:
@@ -83,6 +87,10 @@ class TransferRegistry:
     # ------------------------------------------------------------ endings
     def received(self, transfer: IncomingTransfer) -> None:
         self._in_flight("in", -1)
+        if transfer.completion is not None:
+            self.completed[transfer.id] = transfer.completion
+            while len(self.completed) > COMPLETED_MAX:
+                self.completed.popitem(last=False)
 
     def outgoing_finished(self, transfer: OutgoingTransfer) -> None:
         if self.outgoing.pop(transfer.id, None) is not None:
@@ -130,6 +138,19 @@ class TransferRegistry:
                 transfer.fail(ErrorCode.TIMEOUT, f"unclaimed or stalled for {idle:.0f} s")
                 reaped.append(transfer)
         return reaped
+
+    def reap_suspended(self, resume_timeout_s: float, now: float | None = None) -> None:
+        """Fail incoming transfers whose sender lost every connection and did not resume
+        within ``resume_timeout_s`` (SPEC §7.7): the engine gets TIMEOUT, not a hang."""
+        now = time.monotonic() if now is None else now
+        for transfer in list(self.incoming.values()):
+            idle = now - transfer.last_activity
+            if transfer.suspended and idle > resume_timeout_s:
+                transfer.fail(
+                    ErrorCode.TIMEOUT,
+                    f"its sender lost its connections and did not resume within {idle:.0f} s",
+                    tell_sender=False,
+                )
 
     def to_json(self) -> list[dict[str, Any]]:
         transfers: tuple[OutgoingTransfer | IncomingTransfer, ...] = (

@@ -24,6 +24,7 @@ from ..aio.lag import LoopLag
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
     ROLE_ENGINE,
@@ -54,7 +55,7 @@ from .stores import StoreSet
 
 log = logging.getLogger("kvship.daemon")
 
-PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP
+PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME
 
 
 class Daemon:
@@ -279,6 +280,7 @@ class Daemon:
         while True:
             await asyncio.sleep(min(1.0, self.config.retention_s / 4))
             self.registry.reap(self.config.retention_s)
+            self.registry.reap_suspended(self.config.resume_timeout_s)
 
     # ---------------------------------------------------------- control plane
     def health(self) -> dict[str, Any]:

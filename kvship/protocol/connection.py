@@ -42,6 +42,7 @@ from .auth import (
 from .constants import (
     AUTH_NONE,
     CAP_AUTH,
+    CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
     HANDSHAKE_MAX_BODY,
@@ -755,6 +756,8 @@ class Connection:
             raise error(ErrorCode.PROTOCOL_ERROR, "only an engine's OPEN names a peer")
         if frame.n_stripes > 1 and not self.negotiated.capabilities & CAP_STRIPING:
             raise error(ErrorCode.PROTOCOL_ERROR, "striped OPEN without CAP_STRIPING")
+        if frame.resume and not self.negotiated.capabilities & CAP_RESUME:
+            raise error(ErrorCode.PROTOCOL_ERROR, "resuming OPEN without CAP_RESUME")
         if frame.n_chunks > MAX_CHUNKS:
             raise error(
                 ErrorCode.TRANSFER_TOO_LARGE,

@@ -35,7 +35,8 @@ CAP_STRIPING = 1 << 1  # a transfer may be striped over several connections
 CAP_CODECS = 1 << 2  # chunks may carry codecs other than raw (zstd, split16)
 CAP_DEDUP = 1 << 3  # OPEN may carry a dedup manifest; the receiver answers HAVE
 CAP_AUTH = 1 << 4  # the handshake authenticated both ends by a pre-shared key (§6.4)
-KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH
+CAP_RESUME = 1 << 5  # per-chunk ACK; a transfer survives its connections (RESUME, §7.7)
+KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH | CAP_RESUME
 
 
 class FrameType:
@@ -50,7 +51,8 @@ class FrameType:
     PING = 0x09
     PONG = 0x0A
     GOAWAY = 0x0B
-    # 0x0C-0x0D reserved: per-chunk ACK, RESUME (see SPEC.md)
+    ACK = 0x0C  # receiver: these chunks are held (CAP_RESUME, §7.7)
+    RESUME = 0x0D  # receiver: the chunks it holds, answering a resuming OPEN
     AUTH_CHALLENGE = 0x0E  # acceptor: its nonce and its proof of the key (§6.4)
     AUTH_PROOF = 0x0F  # initiator: its proof of the key
     HAVE = 0x10  # dedup: the receiver holds the first N blocks (and maybe the states)

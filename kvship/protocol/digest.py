@@ -47,6 +47,13 @@ class TransferDigest:
         struct.pack_into(">Q", self._checksums, 8 * chunk_index, checksum)
         self._missing -= 1
 
+    def has(self, chunk_index: int) -> bool:
+        """The chunk's checksum is in (a resumed transfer's copy of it is a duplicate)."""
+        return 0 <= chunk_index < len(self._seen) and bool(self._seen[chunk_index])
+
+    def held(self) -> set[int]:
+        return {i for i, seen in enumerate(self._seen) if seen}
+
     def value(self, replaced: Mapping[int, int] | None = None) -> int:
         """The digest; ``replaced`` gives other checksums for some chunks (a receiving
         daemon's deduplicated delivery: the real checksums of the chunks it filled in from

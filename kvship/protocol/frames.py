@@ -12,6 +12,7 @@ machine emits. The code lives by concern:
 ``peer_frames``     HELLO … GOAWAY, HAVE, CHUNK/ChunkMeta
 ``engine_frames``   SUBSCRIBE, SHM_ATTACH(ED), SHM_CHUNK, LAYER_READY, RELEASE
 ``auth``            AUTH_CHALLENGE, AUTH_PROOF, the pre-shared-key MACs
+``resume``          ACK, RESUME (a transfer that survives its connections)
 =================== ==========================================================
 """
 
@@ -25,6 +26,7 @@ from .constants import (  # noqa: F401 - importable from here as before (tests, 
     CAP_AUTH,
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
     CODEC_RAW,
@@ -64,6 +66,7 @@ from .peer_frames import (
     Pong,
     ReceivedChunk,
 )
+from .resume import Ack, Resume
 
 Frame = (
     Hello
@@ -86,6 +89,8 @@ Frame = (
     | Release
     | AuthChallenge
     | AuthProof
+    | Ack
+    | Resume
 )
 
 DECODERS: dict[int, Callable[[memoryview], Frame]] = {
@@ -110,6 +115,8 @@ DECODERS: dict[int, Callable[[memoryview], Frame]] = {
         Release,
         AuthChallenge,
         AuthProof,
+        Ack,
+        Resume,
     )
 }
 """Body decoders by frame type; CHUNK has none (the connection streams its data)."""
@@ -118,6 +125,7 @@ __all__ = [
     "CAP_AUTH",
     "CAP_CODECS",
     "CAP_DEDUP",
+    "CAP_RESUME",
     "CAP_SHM",
     "CAP_STRIPING",
     "CODEC_RAW",
@@ -133,6 +141,7 @@ __all__ = [
     "ROLE_ENGINE",
     "ROLE_PEER",
     "Abort",
+    "Ack",
     "AuthChallenge",
     "AuthProof",
     "Chunk",
@@ -153,6 +162,7 @@ __all__ = [
     "Pong",
     "ReceivedChunk",
     "Release",
+    "Resume",
     "ShmAttach",
     "ShmAttached",
     "ShmChunk",

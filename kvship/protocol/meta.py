@@ -19,6 +19,7 @@ from .errors import ProtocolError
 from .geometry import LayerSpec, chunk_table
 
 _NATIVE_LITTLE = sys.byteorder == "little"
+OPEN_RESUME = 0x01  # OPEN flags bit 0 (SPEC §5.3, §7.7)
 
 
 def _pack_tokens(tokens: tuple[int, ...]) -> bytes:
@@ -122,6 +123,7 @@ class Open:
     priority: int = 0
     peer: str = ""  # engine -> daemon only: the destination daemon
     extra: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False  # flags bit 0 (CAP_RESUME): re-opens a transfer on new connections
 
     @property
     def total_bytes(self) -> int:
@@ -156,7 +158,7 @@ class Open:
             self.n_stripes,
             self.stripe,
             self.priority,
-            0,
+            OPEN_RESUME if self.resume else 0,
             0,
             len(self.token_ids),
         )
@@ -166,7 +168,7 @@ class Open:
     @classmethod
     def decode(cls, body: memoryview) -> Open:
         need(body, cls.FIXED.size, "OPEN")
-        (tid, total, n_chunks, chunk_size, n_stripes, stripe, prio, _, _, n_tokens) = (
+        (tid, total, n_chunks, chunk_size, n_stripes, stripe, prio, flags, _, n_tokens) = (
             cls.FIXED.unpack_from(body)
         )
         pos = cls.FIXED.size
@@ -184,7 +186,17 @@ class Open:
         layers, request_id, peer, extra = parse_meta(meta)
         check_fixed(chunk_size, n_stripes, stripe)
         frame = cls(
-            tid, request_id, layers, chunk_size, tokens, n_stripes, stripe, prio, peer, extra
+            tid,
+            request_id,
+            layers,
+            chunk_size,
+            tokens,
+            n_stripes,
+            stripe,
+            prio,
+            peer,
+            extra,
+            bool(flags & OPEN_RESUME),  # the other bits are reserved: ignored
         )
         if frame.total_bytes != total or frame.n_chunks != n_chunks:
             raise malformed(

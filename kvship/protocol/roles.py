@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .constants import CAP_DEDUP, CAP_SHM, ROLE_ENGINE, ROLE_PEER, FrameType
+from .constants import CAP_DEDUP, CAP_RESUME, CAP_SHM, ROLE_ENGINE, ROLE_PEER, FrameType
 
 
 class Role(Enum):
@@ -84,7 +84,9 @@ _ANYONE = frozenset({T.CREDIT, T.ABORT, T.PING, T.PONG, T.GOAWAY})
 
 MAY_SEND: dict[Side, frozenset[int]] = {
     Side.PEER_INITIATOR: _ANYONE | {T.HELLO, T.AUTH_PROOF, T.OPEN, T.CHUNK, T.END},
-    Side.PEER_ACCEPTOR: _ANYONE | {T.HELLO_ACK, T.AUTH_CHALLENGE, T.COMPLETE, T.HAVE},
+    Side.PEER_ACCEPTOR: _ANYONE
+    | {T.HELLO_ACK, T.AUTH_CHALLENGE, T.COMPLETE, T.HAVE}
+    | {T.ACK, T.RESUME},
     Side.ENGINE: _ANYONE
     | {T.HELLO, T.AUTH_PROOF, T.OPEN, T.CHUNK, T.END}
     | {T.SUBSCRIBE, T.SHM_ATTACH, T.SHM_CHUNK, T.RELEASE},
@@ -96,6 +98,8 @@ MAY_SEND: dict[Side, frozenset[int]] = {
 
 NEEDS_CAP: dict[int, int] = {
     T.HAVE: CAP_DEDUP,
+    T.ACK: CAP_RESUME,
+    T.RESUME: CAP_RESUME,
     T.SHM_ATTACH: CAP_SHM,
     T.SHM_ATTACHED: CAP_SHM,
     T.SHM_CHUNK: CAP_SHM,

@@ -1,0 +1,169 @@
+"""Transfers that survive their connections (SPEC §7.7): real daemons on loopback, the
+peer traffic through tools/faultproxy.py, every connection reset mid-transfer; the bytes
+arrive bit-exact and little is sent twice. And the clean failures: a receiving daemon that
+restarted, a sender that never comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, random_layers, receive_all, same_bytes, send_layers
+from kvship import Client
+from kvship.bench.spawn import DaemonProcess
+from kvship.errors import KvshipError
+from kvship.protocol import (
+    CAP_RESUME,
+    CAP_STRIPING,
+    ROLE_PEER,
+    Ack,
+    Connection,
+    ErrorCode,
+    Hello,
+    LayerSpec,
+    LocalProtocolError,
+    Open,
+    ProtocolError,
+    Resume,
+    Role,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("faultproxy", ROOT / "tools" / "faultproxy.py")
+assert _spec is not None and _spec.loader is not None
+faultproxy = importlib.util.module_from_spec(_spec)
+sys.modules["faultproxy"] = faultproxy
+_spec.loader.exec_module(faultproxy)
+
+# Slow enough that three resets land mid-transfer: 24 MiB at 400 Mbit/s is ~0.5 s.
+RATE = ["--peer-rate", "400mbit", "--peer-burst", "4MiB", "--resume-timeout-s", "20"]
+LAYERS, LAYER_BYTES, CHUNK = 6, 4 << 20, 256 << 10
+
+
+def kill(daemon: DaemonProcess) -> None:
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+
+
+def pair(workdir: Path, *extra: str) -> tuple[DaemonProcess, DaemonProcess]:
+    a = DaemonProcess("prefill", workdir, [*RATE, *extra]).start()
+    try:
+        b = DaemonProcess("decode", workdir, [*RATE, *extra]).start()
+    except BaseException:
+        a.stop()
+        raise
+    return a, b
+
+
+async def test_every_connection_reset_three_times_the_transfer_still_arrives(
+    tmp_path: Path,
+) -> None:
+    a, b = pair(tmp_path)
+    try:
+        arrays = random_layers(LAYERS, LAYER_BYTES, seed=11)
+        host, port = b.peer.rsplit(":", 1)
+        proxy = faultproxy.FaultProxy((host, int(port)), faultproxy.Schedule(seed=1))
+        tx_client = Client(a.socket_path, chunk_bytes=CHUNK)
+        async with proxy, Client(b.socket_path) as rx, tx_client as tx:
+            receiving = asyncio.create_task(receive_all(rx, "resumed", timeout=30))
+            sending = asyncio.create_task(
+                send_layers(tx, "resumed", arrays, proxy.address, timeout=60)
+            )
+            resets = 0
+            for _ in range(200):  # bounded: 10 s
+                await asyncio.sleep(0.05)
+                sent = a.metric("kvship_payload_sent_bytes")
+                if sent > (resets + 1) * LAYERS * LAYER_BYTES / 5 and resets < 3:
+                    resets += proxy.reset_all() > 0
+                if resets == 3 or sending.done():
+                    break
+            result = await asyncio.wait_for(sending, 60)
+            got, receiver = await asyncio.wait_for(receiving, 60)
+        assert resets == 3, "the transfer finished before three resets"
+        assert receiver.complete and sorted(got) == list(range(LAYERS))
+        assert all(same_bytes(got[i], arrays[i]) for i in range(LAYERS))
+        assert result is not None
+        assert b.metric("kvship_transfers_resumed") >= 3
+        resent = a.metric("kvship_chunks_resent")
+        chunks = LAYERS * LAYER_BYTES // CHUNK
+        assert 0 < resent < chunks / 2, resent  # the unacked ones only, not the transfer
+        assert a.metric("kvship_transfers", 'outcome="complete"') >= 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_restarted_receiver_makes_the_sender_fail_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    fixed = ["--peer-listen", f"127.0.0.1:{port}"]
+    a = DaemonProcess("prefill", tmp_path, RATE).start()  # ~0.3 s for the 16 MiB
+    b = DaemonProcess("decode", tmp_path, fixed).start()
+    try:
+        arrays = random_layers(4, 4 << 20, seed=12)
+        async with Client(a.socket_path) as tx:
+            sending = asyncio.create_task(send_layers(tx, "restarted", arrays, b.peer, timeout=30))
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if a.metric("kvship_payload_sent_bytes") > 0:
+                    break
+            kill(b)  # the way a crash does: no GOAWAY
+            b = DaemonProcess("decode", tmp_path, fixed).start()
+            with pytest.raises(KvshipError) as info:
+                await asyncio.wait_for(sending, 30)
+        assert "cannot resume" in str(info.value) or "UNKNOWN_TRANSFER" in str(info.value)
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_sender_that_never_comes_back_fails_the_receiving_engine(
+    tmp_path: Path,
+) -> None:
+    a, b = pair(tmp_path, "--resume-timeout-s", "1")
+    try:
+        arrays = random_layers(4, 4 << 20, seed=13)
+        async with Client(b.socket_path) as rx, Client(a.socket_path) as tx:
+            receiver = await asyncio.wait_for(asyncio.shield(_start(tx, rx, arrays, b)), 20)
+            kill(a)  # the sending daemon dies mid-transfer
+            with pytest.raises(KvshipError) as info:
+                async for _ in receiver.layers(copy=True):
+                    pass
+        assert info.value.code in (ErrorCode.TIMEOUT, ErrorCode.PEER_UNREACHABLE), info.value
+        assert not receiver.complete
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def _start(tx: Client, rx: Client, arrays: list, b: DaemonProcess):  # type: ignore[no-untyped-def]
+    layout = tuple(LayerSpec(x.dtype.name, tuple(x.shape), x.nbytes) for x in arrays)
+    sender = await tx.send("abandoned", layout, peer=b.peer)
+    await sender.put(0, arrays[0])
+    return await rx.receive("abandoned", timeout=10)
+
+
+def test_resume_needs_the_capability() -> None:
+    a = Connection(role=Role.PEER, initiator=True)
+    b = Connection(role=Role.PEER, initiator=False)
+    b.receive_data(a.initiate(Hello(ROLE_PEER, "a", capabilities=CAP_STRIPING | CAP_RESUME)))
+    a.receive_data(b.accept("b", CAP_STRIPING))  # this acceptor does not resume
+    layers = (LayerSpec("uint8", (8,), 8),)
+    with pytest.raises(LocalProtocolError, match="CAP_RESUME"):
+        a.send(Open(1, "r", layers, 8, resume=True))
+    with pytest.raises(ProtocolError):
+        b.receive_data(Open(1, "r", layers, 8, resume=True).encode())
+
+
+def test_ack_and_resume_frames_refuse_what_does_not_add_up() -> None:
+    assert Resume.of(1, 10, {0, 9}).held_chunks() == {0, 9}
+    bad = bytearray(Resume.of(1, 10, {0}).encode())
+    bad[-1] |= 0x80  # chunk 15 of 10
+    with pytest.raises(ProtocolError, match="past n_chunks"):
+        Resume.decode(memoryview(bad)[8:])
+    with pytest.raises(ProtocolError, match="ACK of 0"):
+        Ack.decode(memoryview(Ack(1, ()).encode())[8:])
