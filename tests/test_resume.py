@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, random_layers, receive_all, same_bytes, send_layers
+from conftest import LogMark, free_port, random_layers, receive_all, same_bytes, send_layers
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
 from kvship.errors import KvshipError
@@ -167,3 +167,40 @@ def test_ack_and_resume_frames_refuse_what_does_not_add_up() -> None:
         Resume.decode(memoryview(bad)[8:])
     with pytest.raises(ProtocolError, match="ACK of 0"):
         Ack.decode(memoryview(Ack(1, ()).encode())[8:])
+
+
+async def test_a_wedged_connection_is_found_and_the_transfer_resumes(tmp_path: Path) -> None:
+    """A flipped bit in a length field (decode -> prefill) leaves the prefill side's reader
+    waiting for a body that never comes, with TCP healthy: its PINGs go unanswered, the
+    connection is closed as stuck, and the transfers on it resume on a new link."""
+    fast = ["--connect-timeout-s", "2"]
+    a, b = pair(tmp_path, *fast)
+    try:
+        host, port = b.peer.rsplit(":", 1)
+        proxy = faultproxy.FaultProxy((host, int(port)), faultproxy.Schedule(seed=2))
+        async with proxy, Client(b.socket_path) as rx, Client(a.socket_path) as tx:
+            first = random_layers(2, 1 << 20, seed=14)
+            await ship(tx, rx, "before-wedge", first, proxy.address)
+            mark = LogMark.of(a)
+            proxy.inject(faultproxy.Fault("flip", at=1, bit=3), faultproxy.DOWN)
+            for i in range(6):  # across the wedge, its detection and the new link: ~3 s
+                arrays = random_layers(4, 1 << 20, seed=15 + i)
+                await asyncio.wait_for(ship(tx, rx, f"after-wedge-{i}", arrays, proxy.address), 30)
+                await asyncio.sleep(0.5)
+            await mark.wait_for_async("TIMEOUT", "no frame for")
+        assert a.metric("kvship_transfers", 'outcome="complete"') >= 7
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def ship(tx: Client, rx: Client, request_id: str, arrays: list, peer: str) -> None:  # type: ignore[type-arg]
+    receiving = asyncio.create_task(receive_all(rx, request_id, timeout=30))
+    try:
+        await send_layers(tx, request_id, arrays, peer, timeout=30)
+        got, receiver = await asyncio.wait_for(receiving, 30)
+    finally:
+        receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+    assert receiver.complete
+    assert all(same_bytes(got[i], arrays[i]) for i in range(len(arrays)))

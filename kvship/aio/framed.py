@@ -79,6 +79,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
         # or before anything else is written, so their order on the wire is kept.
         self._corked: list[bytes] = []
         self.peername: str = "?"
+        # When the last whole frame arrived: a link whose peer answers nothing (a flipped
+        # length bit has its reader waiting for a body that never comes) is found by it.
+        self.last_frame_at = asyncio.get_running_loop().time()
         self.handshake: asyncio.Future[HelloAck | Hello | GoAway] = (
             asyncio.get_running_loop().create_future()
         )
@@ -126,6 +129,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
             self.fail(exc)
 
     def _on_frame(self, frame: Frame) -> None:
+        self.last_frame_at = asyncio.get_running_loop().time()
         if isinstance(frame, Credit):
             self._credit.set()
         if isinstance(frame, Hello | HelloAck | GoAway) and not self.handshake.done():

@@ -51,6 +51,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compress-workers", dest="compress_workers", type=int)
     parser.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float)
     parser.add_argument("--resume-timeout-s", dest="resume_timeout_s", type=float)
+    parser.add_argument("--connect-timeout-s", dest="connect_timeout_s", type=float)
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--log-format", dest="log_format", help="plain (default) | json")
     parser.add_argument(

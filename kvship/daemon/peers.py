@@ -32,6 +32,7 @@ from ..protocol import (
     Hello,
     Ping,
     Pong,
+    ProtocolError,
     Resume,
 )
 from ..ratelimit import Scheduler, TokenBucket, format_rate
@@ -221,10 +222,26 @@ class PeerLink:
         )
 
     async def _ping(self, every_s: float = 1.0) -> None:
-        """RTT through the daemons themselves (queueing included), once a second."""
+        """PING every connection once a second: the RTT through the daemons themselves
+        (queueing included), and liveness: a connection that has brought no frame for
+        ``connect_timeout_s`` (at least 2 s) while being pinged is stuck (a corrupt
+        length can leave the far reader waiting for a body that never comes, TCP being
+        fine) and is closed, which loses the link: its transfers resume on a new one."""
+        loop = asyncio.get_running_loop()
+        silent_s = max(2.0, self.settings.connect_timeout_s)
         while not self.dead:
-            conn = self.conns[0]
-            if conn.is_open:
+            now = loop.time()
+            for conn in self.conns:
+                if not conn.is_open:
+                    continue
+                silent = now - conn.last_frame_at
+                if silent > silent_s:
+                    conn.fail(
+                        ProtocolError(
+                            ErrorCode.TIMEOUT, f"no frame for {silent:.0f} s though pinged"
+                        )
+                    )
+                    break  # the link is lost now
                 conn.send(Ping(time.monotonic_ns()))
             await asyncio.sleep(every_s)
 
