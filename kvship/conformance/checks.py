@@ -98,7 +98,7 @@ class Ctx:
 
     async def hello(
         self,
-        caps: int = wire.KNOWN_CAPS,
+        caps: int = wire.BASE_CAPS,
         *,
         address: str | None = None,
         role: int | None = None,
@@ -111,7 +111,7 @@ class Ctx:
         )
         return link
 
-    async def peer(self, caps: int = wire.KNOWN_CAPS) -> Link:
+    async def peer(self, caps: int = wire.BASE_CAPS) -> Link:
         """A handshaken connection to the target's peer listener, as a sending daemon."""
         if not self.target.peer:
             raise CheckSkipped("needs --peer")
@@ -175,7 +175,7 @@ def plan(target: Target) -> list[tuple[Check, Listener]]:
 
 
 # ------------------------------------------------------------------------ helpers
-def hello_fields(role: int, caps: int = wire.KNOWN_CAPS, **over: Any) -> Fields:
+def hello_fields(role: int, caps: int = wire.BASE_CAPS, **over: Any) -> Fields:
     fields: Fields = {
         "role": role,
         "min_version": wire.PROTOCOL_VERSION,
@@ -383,7 +383,9 @@ class Transfer:
         return fields
 
     def open(self, **over: Any) -> bytes:
-        return wire.encode("OPEN", self.open_fields(**over))
+        frame = wire.encode("OPEN", self.open_fields(**over))
+        self.open_body = frame[wire.HEADER_SIZE :]  # END's open_check covers it (§7.4)
+        return frame
 
     def raw(self, index: int) -> bytes:
         _, layer, off, n = self.places[index]
@@ -422,15 +424,26 @@ class Transfer:
             priority=self.priority,
         )
 
-    def end(self, chunks_on_stripe: int | None = None, digest: int | None = None) -> bytes:
+    def end(
+        self,
+        chunks_on_stripe: int | None = None,
+        digest: int | None = None,
+        open_check: int = 0,
+    ) -> bytes:
         return wire.encode(
             "END",
             {
                 "transfer_id": self.tid,
                 "chunks_on_stripe": self.n_chunks if chunks_on_stripe is None else chunks_on_stripe,
                 "digest": self.digest if digest is None else digest,
+                "open_check": open_check,
             },
         )
+
+    def open_check(self) -> int:
+        """END's ``open_check`` with CAP_OPEN_CHECK: low 32 bits of xxh3-64 of the OPEN
+        body this transfer last sent (§7.4)."""
+        return wire.checksum(self.open_body) & 0xFFFFFFFF
 
 
 async def push(
@@ -529,13 +542,16 @@ async def _version_range(ctx: Ctx) -> str:
 
 @check("handshake.unknown_capabilities_masked", "§6.3 §13")
 async def _unknown_caps(ctx: Ctx) -> str:
-    """Every bit offered: unknown bits (4-63) are masked off, never an error."""
+    """Every bit offered: unknown bits (7-63) are masked off, never an error; CAP_AUTH is
+    never granted without the pre-shared-key exchange (§6.4)."""
     link = await ctx.hello(2**64 - 1)
     caps = link.limits["capabilities"]
     if caps & ~wire.KNOWN_CAPS:
         raise CheckFailed(f"HELLO_ACK capabilities {caps:#x} carry unknown bits")
     if caps & wire.CAP_SHM and not ctx.listener.unix:
         raise CheckFailed(f"HELLO_ACK capabilities {caps:#x}: CAP_SHM on TCP (§6.3)")
+    if caps & wire.CAP_AUTH:
+        raise CheckFailed(f"HELLO_ACK capabilities {caps:#x}: CAP_AUTH without a key (§6.4)")
     if caps & wire.CAP_DEDUP and ctx.listener.kind == "engine":
         raise CheckFailed(f"HELLO_ACK capabilities {caps:#x}: CAP_DEDUP to an engine (§7.6)")
     return f"HELLO_ACK capabilities {caps:#x}"
@@ -1004,6 +1020,25 @@ async def _meta_any_form(ctx: Ctx) -> str:
         f'"request_id" : "{t.request_id}" }}'
     )
     return await send_whole(link, t, meta_raw=meta.encode())
+
+
+@check("open.check_verified", "§5.5 §7.4", "peer")
+async def _open_check(ctx: Ctx) -> str:
+    """With CAP_OPEN_CHECK, END carries the low 32 bits of xxh3-64 of its stripe's OPEN
+    body: the right value completes the transfer, a wrong one (an OPEN altered on the way)
+    gets GOAWAY CHECKSUM_MISMATCH."""
+    link = await ctx.peer(wire.BASE_CAPS | wire.CAP_OPEN_CHECK)
+    need(link, wire.CAP_OPEN_CHECK, "CAP_OPEN_CHECK")
+    t = small_transfer()
+    await link.send(t.open())
+    await push(link, t, range(t.n_chunks), wire.CODEC_RAW)
+    await link.send(t.end(open_check=t.open_check()))
+    await expect_complete(link, t)
+    t2 = small_transfer()
+    await link.send(t2.open())
+    await push(link, t2, range(t2.n_chunks), wire.CODEC_RAW)
+    await link.send(t2.end(open_check=t2.open_check() ^ 1))
+    return "right check: COMPLETE; " + await expect_goaway(link, "CHECKSUM_MISMATCH")
 
 
 @check("open.lying_total_bytes", "§5.3")

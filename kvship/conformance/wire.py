@@ -42,7 +42,14 @@ CAP_SHM = 0x1
 CAP_STRIPING = 0x2
 CAP_CODECS = 0x4
 CAP_DEDUP = 0x8
-KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP
+CAP_AUTH = 0x10  # granted only after the pre-shared-key exchange (§6.4)
+CAP_RESUME = 0x20  # ACK / RESUME, OPEN's resume flag (§7.7)
+CAP_OPEN_CHECK = 0x40  # END's open_check (§7.4)
+KNOWN_CAPS = (
+    CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH | CAP_RESUME | CAP_OPEN_CHECK
+)
+# What the kit's checks offer unless they test one of the others on purpose.
+BASE_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -381,7 +388,10 @@ def encode_body(name: str, f: Fields) -> bytes:
     if name == "CHUNK":
         return pack_chunk_meta(f["meta"]) + bytes(f["data"])
     if name == "END":
-        return _END.pack(f["transfer_id"], f["chunks_on_stripe"], 0, f["digest"])
+        # open_check: §7.4, with CAP_OPEN_CHECK (else 0)
+        return _END.pack(
+            f["transfer_id"], f["chunks_on_stripe"], f.get("open_check", 0), f["digest"]
+        )
     if name == "COMPLETE":
         return _COMPLETE.pack(f["transfer_id"], f["total_bytes"], f["digest"])
     if name == "CREDIT":
@@ -516,8 +526,8 @@ def decode_body(name: str, body: bytes) -> Fields:
         return {"meta": meta, "data": data}
     if name == "END":
         _exact(body, _END.size, name)
-        tid, count, _, dig = _END.unpack(body)
-        return {"transfer_id": tid, "chunks_on_stripe": count, "digest": dig}
+        tid, count, check, dig = _END.unpack(body)
+        return {"transfer_id": tid, "chunks_on_stripe": count, "digest": dig, "open_check": check}
     if name == "COMPLETE":
         _exact(body, _COMPLETE.size, name)
         tid, total, dig = _COMPLETE.unpack(body)

@@ -7,7 +7,19 @@ import logging
 from collections.abc import Callable
 
 from ..aio import FramedProtocol
-from ..protocol import CAP_DEDUP, Abort, Chunk, ChunkMeta, End, ErrorCode, Frame, Open, Ping, Pong
+from ..protocol import (
+    CAP_DEDUP,
+    Abort,
+    Chunk,
+    ChunkMeta,
+    End,
+    ErrorCode,
+    Frame,
+    Open,
+    Ping,
+    Pong,
+    Resume,
+)
 from .incoming import IncomingTransfer, ReceiveContext
 from .logs import transfer_fields
 from .records import TransferState
@@ -53,7 +65,13 @@ class PeerInbox:
         elif isinstance(frame, Open):
             self._on_open(proto, frame)
         elif isinstance(frame, End):
-            if (transfer := incoming.get(frame.transfer_id)) is not None:
+            transfer = incoming.get(frame.transfer_id)
+            completion = self.registry.completed.get(frame.transfer_id)
+            if completion is not None and (
+                transfer is None or transfer.state is not TransferState.OPEN
+            ):
+                proto.send(completion)  # the END of a resumed, already complete transfer
+            elif transfer is not None:
                 transfer.on_end(proto, frame)
         elif isinstance(frame, Abort):
             if (transfer := incoming.get(frame.transfer_id)) is not None:
@@ -113,8 +131,9 @@ class PeerInbox:
         if transfer is not None and transfer.state is TransferState.OPEN:
             transfer.resume(proto, frame)
         elif completion is not None:  # every byte is here: the COMPLETE was lost
-            proto.send(completion)
-            proto.conn.forget(tid)
+            # Everything is held: the sender ENDs each stripe and gets the COMPLETE again
+            # (a COMPLETE before the END it answers is refused, SPEC §4.1).
+            proto.send(Resume.of(tid, frame.n_chunks, set(range(frame.n_chunks))))
         else:
             message = (
                 f"transfer {tid:016x} is not known here (this daemon restarted or dropped "

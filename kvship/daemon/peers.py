@@ -19,6 +19,7 @@ from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_STRIPING,
     ROLE_PEER,
@@ -188,7 +189,7 @@ class PeerLink:
 
     async def connect(self) -> None:
         cfg = self.settings
-        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME
+        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK
         hello = Hello(ROLE_PEER, cfg.node_name, capabilities=caps)
         try:
             self.conns = list(

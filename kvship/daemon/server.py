@@ -24,6 +24,7 @@ from ..aio.lag import LoopLag
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
@@ -55,7 +56,7 @@ from .stores import StoreSet
 
 log = logging.getLogger("kvship.daemon")
 
-PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME
+PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK
 
 
 class Daemon:

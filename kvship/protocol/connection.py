@@ -42,6 +42,7 @@ from .auth import (
 from .constants import (
     AUTH_NONE,
     CAP_AUTH,
+    CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
@@ -57,6 +58,7 @@ from .constants import (
     FrameType,
     frame_name,
 )
+from .digest import chunk_checksum
 from .errors import ErrorCode, LocalProtocolError, ProtocolError
 from .frames import (
     DECODERS,
@@ -236,6 +238,7 @@ class Connection:
         self._random = random_bytes
         self._auth = _AuthExchange()
         self.authenticated_key = ""  # the key id both ends proved (SPEC §6.4), "" = none
+        self._open_check = 0  # of the OPEN just encoded or decoded (CAP_OPEN_CHECK)
 
     # ------------------------------------------------------------------ state
     @property
@@ -486,7 +489,13 @@ class Connection:
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, f"{name} goes out by {api}")
         state = self._step(_EVENTS_OUT.get(frame.TYPE, Event.SEND_FRAME), name)
         limit = self.limits.max_frame if self._state is State.OPEN else HANDSHAKE_MAX_BODY
+        if isinstance(frame, End) and self.negotiated.capabilities & CAP_OPEN_CHECK:
+            sending = self._sending.get(frame.transfer_id)
+            if sending is not None:
+                frame = replace(frame, open_check=sending.open_check)
         data = self._encoded(frame, limit)
+        if isinstance(frame, Open):
+            self._open_check = open_check(data[HEADER_SIZE:])
         effect = self._check_out(frame)
         if effect is not None:
             effect()
@@ -671,7 +680,7 @@ class Connection:
             )
 
         def opened() -> None:
-            self._sending[tid] = Sending.of(frame)
+            self._sending[tid] = Sending.of(frame, self._open_check)
             self._ended.discard(tid)
             self._dropped.discard(tid)
 
@@ -936,6 +945,8 @@ class Connection:
             raise self._fail(ErrorCode.UNKNOWN_FRAME, f"unknown frame type 0x{ftype:02x}")
         if ftype in _HANDSHAKE_FRAMES:
             self._last_body = bytes(body)  # the MACs cover it as it came (SPEC §6.4)
+        elif ftype == FrameType.OPEN:
+            self._open_check = open_check(body)
         try:
             frame = decode(body)
         except ProtocolError as exc:
@@ -1059,7 +1070,7 @@ class Connection:
         self._subscribing = False
         self._forgotten.discard(frame.transfer_id)
         self._receiving[frame.transfer_id] = Receiving(
-            frame, chunk_table(frame.layers, frame.chunk_size)
+            frame, chunk_table(frame.layers, frame.chunk_size), open_check=self._open_check
         )
 
     def _on_end(self, frame: End) -> None:
@@ -1075,6 +1086,15 @@ class Connection:
                 ErrorCode.PROTOCOL_ERROR,
                 f"END says {frame.chunks_on_stripe} chunks on this stripe, "
                 f"{incoming.chunks_seen} arrived",
+            )
+        if (
+            self.negotiated.capabilities & CAP_OPEN_CHECK
+            and frame.open_check != incoming.open_check
+        ):
+            raise self._fail(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"the OPEN of transfer {frame.transfer_id:#x} arrived altered: its END's "
+                f"open_check {frame.open_check:#010x}, the OPEN here {incoming.open_check:#010x}",
             )
 
     def _on_complete(self, frame: Complete) -> None:
@@ -1138,6 +1158,11 @@ class _AuthExchange:
     proved: bool = False  # initiator: AUTH_PROOF sent
     pending_ack: tuple[bytes, int] | None = None  # acceptor: HELLO_ACK held until proof
     ack: tuple[bytes, int] | None = None  # acceptor: proof verified, HELLO_ACK to send
+
+
+def open_check(body: bytes | memoryview) -> int:
+    """END's ``open_check`` (SPEC §7.4): low 32 bits of xxh3-64 of an OPEN body."""
+    return chunk_checksum(body) & 0xFFFFFFFF
 
 
 _Raise = Callable[[ErrorCode, str], ProtocolError]

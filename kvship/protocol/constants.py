@@ -36,7 +36,10 @@ CAP_CODECS = 1 << 2  # chunks may carry codecs other than raw (zstd, split16)
 CAP_DEDUP = 1 << 3  # OPEN may carry a dedup manifest; the receiver answers HAVE
 CAP_AUTH = 1 << 4  # the handshake authenticated both ends by a pre-shared key (§6.4)
 CAP_RESUME = 1 << 5  # per-chunk ACK; a transfer survives its connections (RESUME, §7.7)
-KNOWN_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH | CAP_RESUME
+CAP_OPEN_CHECK = 1 << 6  # END carries a check of its stripe's OPEN body (§7.4)
+KNOWN_CAPS = (
+    CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH | CAP_RESUME | CAP_OPEN_CHECK
+)
 
 
 class FrameType:

@@ -172,10 +172,15 @@ class End(FixedFrame):
     TYPE: ClassVar[int] = FrameType.END
     NAME: ClassVar[str] = "END"
     FIXED: ClassVar[struct.Struct] = struct.Struct(">QIIQ")
-    FIELDS: ClassVar[tuple[str | None, ...]] = ("transfer_id", "chunks_on_stripe", None, "digest")
+    FIELDS: ClassVar[tuple[str | None, ...]] = (
+        "transfer_id", "chunks_on_stripe", "open_check", "digest",
+    )  # fmt: skip
     transfer_id: int
     chunks_on_stripe: int
     digest: int  # whole-transfer digest, SPEC.md "Checksums"
+    # With CAP_OPEN_CHECK: the low 32 bits of xxh3-64 of this stripe's OPEN body as it went
+    # on the wire (the connection fills it in); the receiver compares its own (§7.4).
+    open_check: int = 0
 
 
 @dataclass(frozen=True, slots=True)

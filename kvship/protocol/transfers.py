@@ -33,6 +33,7 @@ class Receiving:
     open: Open
     starts: list[int]
     chunks_seen: int = 0
+    open_check: int = 0  # of the OPEN body as it arrived (CAP_OPEN_CHECK)
 
 
 @dataclass(slots=True)
@@ -43,11 +44,12 @@ class Sending:
     starts: list[int]
     sent: bytearray = field(default_factory=bytearray)  # one bit per chunk index
     chunks_sent: int = 0
+    open_check: int = 0  # of the OPEN body as it went out (CAP_OPEN_CHECK)
 
     @classmethod
-    def of(cls, frame: Open) -> Sending:
+    def of(cls, frame: Open, open_check: int = 0) -> Sending:
         starts = chunk_table(frame.layers, frame.chunk_size)
-        return cls(frame, starts, bytearray((starts[-1] + 7) // 8))
+        return cls(frame, starts, bytearray((starts[-1] + 7) // 8), open_check=open_check)
 
     def was_sent(self, index: int) -> bool:
         return bool(self.sent[index >> 3] & (1 << (index & 7)))
