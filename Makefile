@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e prfaas-demo clean
+.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e prfaas-demo soak fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ $(MOONCAKE_VENV)/.installed:
 
 bench-mooncake: $(STAMP) $(MOONCAKE_VENV)/.installed
 	$(BIN)/kvship bench --repeat 3 --vs mooncake --mooncake-python $(MOONCAKE_VENV)/bin/python --json
+
+# A bounded soak (~3 min): two kvshipd with the prefill side's peer traffic through
+# tools/faultproxy.py (resets, stalls, truncations, bit flips, delays); every transfer is
+# checked bit for bit. Last line: one JSON summary; fails on a corrupted or lost transfer
+# or a daemon that no longer serves (docs/reliability.md). SOAK_SEED=2 make soak: another.
+SOAK_SEED ?= 1
+soak: $(STAMP)
+	$(BIN)/python tools/soak.py --seed $(SOAK_SEED) --json
 
 # On a CUDA machine: the gpu tests and tools/bench_gpu.py in their own .venv-gpu (< 5 min);
 # prints one JSON summary last. Without a GPU it stops at once (exit 2).

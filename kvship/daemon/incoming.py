@@ -121,6 +121,7 @@ class IncomingTransfer:
         self.last_activity = time.monotonic()
         self.completion: Complete | None = None  # the COMPLETE sent (a resume repeats it)
         self.resumes = 0  # times the sender re-opened it on new connections
+        self.resumed = False  # from then on chunks land in daemon memory, never an arena
         self._acks: dict[FramedProtocol, list[int]] = {}  # chunk ACKs to flush, per conn
         self._ack_scheduled = False
         self.record = TransferRecord(
@@ -167,13 +168,20 @@ class IncomingTransfer:
             and opened.chunk_size == self.opened.chunk_size
             and opened.token_ids == self.opened.token_ids
         )
-        if not same:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a resumed stripe disagrees")
+        if not same:  # one of the two OPENs was altered on the way: nothing to resume
+            message = "a resuming OPEN disagrees with the first one (one of them was altered)"
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                conn.send(Abort(self.id, int(ErrorCode.PROTOCOL_ERROR), message))
+            self.fail(ErrorCode.PROTOCOL_ERROR, message, tell_sender=False)
+            return
+        self.resumed = True
         self.n_stripes = opened.n_stripes
         for stripe in [s for s in self.stripe_conns if s >= self.n_stripes or s == opened.stripe]:
             old = self.stripe_conns.pop(stripe)
             if old is not conn:
-                old.conn.forget(self.id)
+                # The sender left it: close it, so no late chunk of it can still be landing
+                # in an engine's arena once this transfer's layers are handed over.
+                old.fail(ProtocolError(ErrorCode.CANCELLED, "superseded by a resumed stripe"))
         for stripe in [s for s in self.ends if s >= self.n_stripes or s == opened.stripe]:
             del self.ends[stripe]  # the sender ENDs every new stripe again
         self.stripe_conns[opened.stripe] = conn
@@ -244,12 +252,13 @@ class IncomingTransfer:
         dest = self.destination_of
         # An engine that left has unmapped its arena: its layers' bytes go to daemon
         # memory (its delivery fails the transfer); the peer connection is never at fault.
-        # A second copy of a held chunk (a resumed transfer) never touches the arena.
+        # Once resumed, chunks land in daemon memory: a second copy of a chunk (one per
+        # connection) must never write into an arena region an engine may be reading.
         if (
             self.state is TransferState.OPEN
             and dest is not None
             and dest.attached
-            and not self.digest.has(meta.chunk_index)
+            and not self.resumed
         ):
             layer = meta.layer
             offset = self.regions.get(layer)
