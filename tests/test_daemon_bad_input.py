@@ -264,8 +264,10 @@ async def test_corrupt_engine_chunk_aborts_only_that_transfer(
     pair: tuple[DaemonProcess, ...],
 ) -> None:
     """An engine whose staged bytes do not match its checksum: the prefill daemon forwards
-    them unchecked, the decode daemon fails that transfer alone (CHECKSUM_MISMATCH, relayed
-    to the engine) and the peer link stays, so nothing else fails."""
+    them unchecked; the decode daemon, taking it for link corruption, closes that
+    connection so the chunk comes again (SPEC §7.7); the prefill daemon, resuming, finds the
+    bytes it holds do not match their checksum and fails that transfer alone
+    (CHECKSUM_MISMATCH, relayed to the engine). The link comes back, nothing else fails."""
     a, b = pair
     await good_transfer(a, b)  # the a -> b link is up
 
@@ -290,8 +292,8 @@ async def test_corrupt_engine_chunk_aborts_only_that_transfer(
     assert Abort.decode(memoryview(frame[1])).code == ErrorCode.CHECKSUM_MISMATCH
     await good_transfer(a, b)
     assert links() == links_before
-    assert error_count(b, "CHECKSUM_MISMATCH") == peer_errors_before
-    assert b.metric("kvship_chunks_corrupt") == corrupt_before + 1
+    assert error_count(b, "CHECKSUM_MISMATCH") == peer_errors_before + 1  # the closed one
+    assert b.metric("kvship_chunks_corrupt") == corrupt_before + 1  # seen once, not resent
 
 
 async def test_chunk_beyond_credit_is_flow_control(tmp_path: Path) -> None:

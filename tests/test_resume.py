@@ -107,10 +107,11 @@ async def test_a_restarted_receiver_makes_the_sender_fail_cleanly(tmp_path: Path
         arrays = random_layers(4, 4 << 20, seed=12)
         async with Client(a.socket_path) as tx:
             sending = asyncio.create_task(send_layers(tx, "restarted", arrays, b.peer, timeout=30))
-            for _ in range(100):
+            for _ in range(100):  # until the receiver acknowledged part of it
                 await asyncio.sleep(0.05)
-                if a.metric("kvship_payload_sent_bytes") > 0:
+                if b.metric("kvship_chunks_received") > 0:
                     break
+            await asyncio.sleep(0.1)  # its ACKs reached the sender
             kill(b)  # the way a crash does: no GOAWAY
             b = DaemonProcess("decode", tmp_path, fixed).start()
             with pytest.raises(KvshipError) as info:
@@ -204,3 +205,25 @@ async def ship(tx: Client, rx: Client, request_id: str, arrays: list, peer: str)
         await asyncio.gather(receiving, return_exceptions=True)
     assert receiver.complete
     assert all(same_bytes(got[i], arrays[i]) for i in range(len(arrays)))
+
+
+async def test_a_corrupted_chunk_is_sent_again_not_delivered(tmp_path: Path) -> None:
+    """A bit flipped on the way: the chunk fails its checksum, the receiver closes that
+    connection (first corruption of that chunk), the sender resumes and sends it again:
+    the transfer completes bit-exact and nothing corrupt reached the engine."""
+    a, b = pair(tmp_path)
+    try:
+        arrays = random_layers(LAYERS, LAYER_BYTES, seed=21)
+        host, port = b.peer.rsplit(":", 1)
+        proxy = faultproxy.FaultProxy((host, int(port)), faultproxy.Schedule(seed=3))
+        async with proxy, Client(b.socket_path) as rx, Client(a.socket_path) as tx:
+            first = random_layers(1, 64 << 10, seed=22)
+            await ship(tx, rx, "warm", first, proxy.address)  # the link is up: chunks next
+            proxy.inject(faultproxy.Fault("flip", at=30000, bit=5), faultproxy.UP)
+            await asyncio.wait_for(ship(tx, rx, "flipped", arrays, proxy.address), 60)
+        detected = b.metric("kvship_chunks_corrupt") + b.metric("kvship_protocol_errors")
+        assert detected >= 1
+        assert b.metric("kvship_transfers_resumed") >= 1
+    finally:
+        a.stop()
+        b.stop()

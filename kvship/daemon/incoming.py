@@ -122,6 +122,7 @@ class IncomingTransfer:
         self.completion: Complete | None = None  # the COMPLETE sent (a resume repeats it)
         self.resumes = 0  # times the sender re-opened it on new connections
         self.resumed = False  # from then on chunks land in daemon memory, never an arena
+        self._corrupt_once: set[int] = set()  # chunks that arrived corrupt (resend asked)
         self._acks: dict[FramedProtocol, list[int]] = {}  # chunk ACKs to flush, per conn
         self._ack_scheduled = False
         self.record = TransferRecord(
@@ -305,13 +306,23 @@ class IncomingTransfer:
         self._accept(conn, meta, data, in_arena, len(data))
 
     def _corrupt(self, conn: FramedProtocol, meta: ChunkMeta, wire: int) -> None:
-        """A chunk whose bytes do not match its checksum fails its transfer, never the
-        connection (SPEC §7.4): the frame's length delimited it, so the connection's other
-        transfers are intact, and the bytes may be a corrupt engine's that the sending
-        daemon forwarded unchecked. Nothing of this transfer is ever delivered."""
+        """A chunk whose bytes do not match its checksum is never accepted. Without resume
+        it fails its transfer, never the connection (SPEC §7.4): the frame's length
+        delimited it, so the connection's other transfers are intact, and the bytes may be
+        a corrupt engine's that the sending daemon forwarded unchecked. With resume the
+        first corruption of a chunk closes the connection instead (§7.7), so the sender
+        sends it again; nothing corrupt is ever delivered either way."""
         conn.grant(wire)
         self.ctx.metrics.chunks_corrupt.inc()
-        self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {meta.chunk_index} checksum mismatch")
+        index = meta.chunk_index
+        if _resumable(conn) and index not in self._corrupt_once:
+            # Most likely the link (the sender holds the chunk until ACKed): close this
+            # connection, the sender resumes and sends it again. The same chunk corrupt a
+            # second time is the sender's own bytes: then the transfer fails.
+            self._corrupt_once.add(index)
+            conn.fail(ProtocolError(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} arrived corrupt"))
+            return
+        self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} checksum mismatch")
 
     async def _decode(self, conn: FramedProtocol, meta: ChunkMeta, wire: memoryview) -> None:
         """Decode a coded chunk in a worker, verifying its checksum, then accept it."""

@@ -36,6 +36,7 @@ from ..protocol import (
     LocalProtocolError,
     Open,
     Resume,
+    chunk_checksum,
     digest_of_checksums,
 )
 from ..ratelimit import BULK, LATENCY, SchedulerClosed
@@ -48,6 +49,7 @@ from .records import TransferRecord, TransferState
 
 HAVE_TIMEOUT_S = 10.0  # a receiver that never answers the manifest: send everything
 RESUME_BACKOFF_MIN_S, RESUME_BACKOFF_MAX_S = 0.1, 5.0  # reconnect waits (jittered x0.5..1.5)
+CORRUPT_AT_SOURCE = "its bytes do not match its checksum as the engine staged them"
 PRIORITY_LATENCY = 1  # OPEN.priority: 0 = bulk, 1 = latency (served first on a link)
 
 log = logging.getLogger("kvship.out")
@@ -120,6 +122,9 @@ class OutgoingTransfer:
         self.ended = False  # the engine's END arrived (and checked out)
         self.resuming: asyncio.Future[Resume] | None = None  # the receiver's RESUME
         self.resumes = 0
+        self.acked_any = False  # an ACK came: the receiver holds part of it
+        self.restart = False  # the receiver did not know it: re-open it as new
+        self.unknown_aborts = 0  # ABORT(UNKNOWN_TRANSFER) answers to resuming OPENs
         self.done: asyncio.Future[TransferState] = asyncio.get_running_loop().create_future()
         self.record = TransferRecord(
             transfer_id,
@@ -349,6 +354,7 @@ class OutgoingTransfer:
 
     # --------------------------------------------------------------- resume
     def on_ack(self, frame: Ack) -> None:
+        self.acked_any = True
         for index in frame.chunks:
             item = self.unacked.pop(index, None)
             if item is not None:
@@ -409,6 +415,7 @@ class OutgoingTransfer:
                     self.resuming.add_done_callback(_consume)
                 self.link = link
                 link.transfers[self.id] = self
+                self.unknown_aborts = 0
                 self._open(link.conns, resume=True)
                 wait = min(remaining, settings.connect_timeout_s)
                 answer = await asyncio.wait_for(asyncio.shield(self.resuming), wait)
@@ -430,6 +437,17 @@ class OutgoingTransfer:
                 self.fail(ErrorCode.PROTOCOL_ERROR, "RESUME for another number of chunks")
                 return
             self.resuming = None
+            bad = self._corrupt_unacked()
+            if bad is not None:  # the receiver saw it corrupt: the engine's bytes are
+                self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {bad}: {CORRUPT_AT_SOURCE}")
+                return
+            if self.restart:  # a fresh OPEN on the same connections (the old one ABORTed)
+                self.restart = False
+                try:
+                    self._open(link.conns, resume=False)
+                except LocalProtocolError as exc:
+                    self.fail(exc.code, f"cannot reopen on {self.opened.peer}: {exc.message}")
+                    return
             self._restripe(answer, len(link.conns))
             self.resumes += 1
             self._start_stripes(link.conns)
@@ -441,6 +459,16 @@ class OutgoingTransfer:
                 extra=self.log_fields(),
             )
             return
+
+    def _corrupt_unacked(self) -> int | None:
+        """A chunk to send again whose bytes do not match their checksum (a corrupt
+        engine's; the sending daemon forwards unchecked, SPEC §7.4): resending cannot
+        help. Only raw ones are checked here: a coded copy would need decoding, and for it
+        the receiver's second look decides (the same chunk corrupt twice fails it)."""
+        for index, (meta, data, _, _) in self.unacked.items():
+            if meta.codec == CODEC_RAW and chunk_checksum(data) != meta.checksum:
+                return index
+        return None
 
     def _restripe(self, held: Resume, n_stripes: int) -> None:
         """Queue again, over the new link's stripes, every chunk the receiver lacks: the
@@ -496,6 +524,20 @@ class OutgoingTransfer:
 
     def on_peer_abort(self, frame: Abort) -> None:
         code = ErrorCode(frame.code) if frame.code in set(ErrorCode) else ErrorCode.INTERNAL_ERROR
+        if (
+            code is ErrorCode.UNKNOWN_TRANSFER
+            and self.resuming is not None
+            and not self.resuming.done()
+            and not self.acked_any
+        ):
+            # The receiver never saw it (lost with the first connections), and every byte
+            # is still here: start it over instead of resuming, once every stripe's
+            # resuming OPEN got its ABORT (so no late one can hit the new OPEN).
+            self.unknown_aborts += 1
+            if self.link is not None and self.unknown_aborts >= len(self.link.conns):
+                self.resuming.set_result(Resume.of(self.id, self.opened.n_chunks, set()))
+                self.restart = True
+            return
         self.fail(code, f"peer aborted: {frame.message}", tell_peer=False)
 
     # ------------------------------------------------------------- endings
