@@ -48,6 +48,33 @@ SOAK_SEED ?= 1
 soak: $(STAMP)
 	$(BIN)/python tools/soak.py --seed $(SOAK_SEED) --json
 
+# Nightly: coverage-guided fuzzing of the wire protocol (tools/fuzz_wire.py) with atheris
+# (libFuzzer) in its own venv (.venv-fuzz). Each target runs FUZZ_RUNS inputs or FUZZ_SECONDS,
+# whichever ends first; corpora persist in build/fuzz/corpus/, crash reproducers land in
+# build/fuzz/crashes/; then the corpora go against a real kvshipd (--replay-daemon). One JSON
+# line per run; fails (after all of them ran) if anything crashed. Not part of `make test`.
+FUZZ_VENV := .venv-fuzz
+FUZZ_STAMP := $(FUZZ_VENV)/.kvship-fuzz-installed
+FUZZ_RUNS ?= 1000000
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= peer-acceptor engine-daemon initiator engine-client decoders
+FUZZ := $(FUZZ_VENV)/bin/python tools/fuzz_wire.py --max-seconds $(FUZZ_SECONDS) --json
+
+$(FUZZ_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(FUZZ_VENV)
+	$(FUZZ_VENV)/bin/python -m pip install -q --disable-pip-version-check atheris==3.0.0
+	$(FUZZ_VENV)/bin/python -m pip install -q --disable-pip-version-check -e .
+	touch $(FUZZ_STAMP)
+
+fuzz: $(STAMP) $(FUZZ_STAMP)
+	$(BIN)/pytest -q tests/test_fuzz_wire.py
+	status=0; \
+	for t in $(FUZZ_TARGETS); do $(FUZZ) --runs $(FUZZ_RUNS) --target $$t || status=1; done; \
+	for t in peer-acceptor initiator; do \
+		$(FUZZ) --runs $(FUZZ_RUNS) --target $$t --auth || status=1; done; \
+	$(FUZZ) --replay-daemon --generated 20000 --workdir build/fuzz/replay || status=1; \
+	exit $$status
+
 # On a CUDA machine: the gpu tests and tools/bench_gpu.py in their own .venv-gpu (< 5 min);
 # prints one JSON summary last. Without a GPU it stops at once (exit 2).
 gpu-check:

@@ -231,7 +231,7 @@ class IncomingTransfer:
         if self.record.chunks_done or self.decoding:
             # The sender gave up waiting and sends everything: skip nothing, on both sides.
             held.release()
-            conn.send(Have(self.id, 0, False))
+            self._have(conn, Have(self.id, 0, False))
             self._maybe_received()
             return
         self.held_prefix = held
@@ -243,9 +243,15 @@ class IncomingTransfer:
             if self.pending[layer] == 0:
                 self.ready.append(layer)
         self.record.skipped_bytes = skipped_bytes(self.layers, held.skip, held.chunk_size)
-        conn.send(Have(self.id, held.blocks, held.states))
+        self._have(conn, Have(self.id, held.blocks, held.states))
         self.changed.set()
         self._maybe_received()
+
+    def _have(self, conn: FramedProtocol, frame: Have) -> None:
+        """Answer the manifest, if its connection is still there (a resumable transfer
+        outlives it: the sender then sends what the receiver lacks, per RESUME)."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            conn.send(frame)
 
     def destination(self, meta: ChunkMeta) -> tuple[memoryview, bool]:
         """Where a chunk's raw bytes go: (buffer, in_arena). The layer's region of the

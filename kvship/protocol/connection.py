@@ -225,6 +225,7 @@ class Connection:
         self._bulk = memoryview(bytearray(BULK_READ))
         self._bulk_handed = False
         self._pending: memoryview | None = None
+        self._body = bytearray()  # a large body's pieces so far
         self._frame_type = 0
         self._frame_flags = 0
         self._body_length = 0
@@ -449,8 +450,13 @@ class Connection:
         neg.version = ack.version
         neg.capabilities = ack.capabilities & offered
         neg.peer_name = ack.node_name
+        # Never above this side's own frame limit: an acceptor announcing 4 GiB frames
+        # must not make this side take one (found by fuzzing).
         neg.peer_limits = Limits(
-            ack.max_frame, ack.max_chunk, ack.max_transfers, ack.initial_window
+            min(ack.max_frame, self.limits.max_frame),
+            min(ack.max_chunk, self.limits.max_frame - ChunkMeta.FIXED.size),
+            ack.max_transfers,
+            ack.initial_window,
         )
         # The initiator enforces the acceptor's limits in both directions.
         self.limits = neg.peer_limits
@@ -899,9 +905,18 @@ class Connection:
         if read == _Read.HEADER:
             return self._on_header()
         if read == _Read.BODY:
-            body = self._buf
+            piece = self._buf
+            if len(piece) == self._body_length:  # the whole body came in one piece
+                self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
+                return self._on_body(piece)
+            self._body += piece
+            missing = self._body_length - len(self._body)
+            if missing:
+                self._expect(_Read.BODY, memoryview(bytearray(min(missing, BULK_READ))))
+                return []
+            body, self._body = self._body, bytearray()
             self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
-            return self._on_body(body)
+            return self._on_body(memoryview(body))
         if read == _Read.CHUNK_META:
             return self._on_chunk_meta()
         # CHUNK_DATA
@@ -933,7 +948,10 @@ class Connection:
         if length == 0:
             self._expect(_Read.HEADER, self._scratch[:HEADER_SIZE])
             return self._on_body(memoryview(b""))
-        self._expect(_Read.BODY, memoryview(bytearray(length)))
+        # The body buffer grows as its bytes arrive (a piece of at most BULK_READ at a
+        # time): a header that announces megabytes commits no memory the peer did not send.
+        self._body = bytearray()
+        self._expect(_Read.BODY, memoryview(bytearray(min(length, BULK_READ))))
         return []
 
     def _on_body(self, body: memoryview) -> list[Frame]:
