@@ -30,6 +30,25 @@ from kvship.protocol import LayerSpec
 MIB = 1 << 20
 
 
+class PrivatePeak:
+    """The most private memory (RssAnon: heap, no shared arena pages) a process had,
+    sampled every 20 ms: VmHWM also counts the engines' shared arenas the daemon touched."""
+
+    def __init__(self, pid: int) -> None:
+        self.path = Path(f"/proc/{pid}/status")
+        self.peak_kib = 0
+
+    def sample(self) -> None:
+        for line in self.path.read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.sample()
+            await asyncio.sleep(0.02)
+
+
 async def one(
     tx: Client, rx: Client, peer: str, index: int, arrays: list[np.ndarray], consume_s: float
 ) -> dict[str, Any]:
@@ -67,11 +86,15 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     for i, arrays in enumerate(payloads):  # layer 0 names its transfer: no mix-up passes
         arrays[0] = arrays[0].copy()
         arrays[0][:8] = np.frombuffer(i.to_bytes(8, "big"), dtype=np.uint8)
-    args = ["--log-level", "warning"]
+    args = ["--log-level", "warning", *opts.daemon_args.split()]
     with tempfile.TemporaryDirectory(prefix="kvship-load-") as tmp:
         a = DaemonProcess("prefill", Path(tmp), args).start()
         b = DaemonProcess("decode", Path(tmp), args).start()
         try:
+            assert a.proc is not None and b.proc is not None
+            peaks = {"prefill": PrivatePeak(a.proc.pid), "decode": PrivatePeak(b.proc.pid)}
+            stop = asyncio.Event()
+            watchers = [asyncio.create_task(w.watch(stop)) for w in peaks.values()]
             async with Client(a.socket_path) as tx, Client(b.socket_path) as rx:
                 start = time.perf_counter()
                 results = await asyncio.gather(
@@ -82,7 +105,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     return_exceptions=True,
                 )
                 wall = time.perf_counter() - start
+            stop.set()
+            await asyncio.gather(*watchers)
             rss = {"prefill": a.peak_rss_mib(), "decode": b.peak_rss_mib()}
+            private = {k: w.peak_kib / 1024 for k, w in peaks.items()}
         finally:
             a.stop()
             b.stop()
@@ -99,6 +125,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "aggregate_GBps": round(total / wall / 1e9, 3),
         "peak_rss_MiB": {k: round(v, 1) for k, v in rss.items()},
+        "peak_private_MiB": {k: round(v, 1) for k, v in private.items()},
         "goodput_mean_MBps": round(mean / 1e6, 2),
         "goodput_min_MBps": round(min(goodputs) / 1e6, 2) if goodputs else None,
         "slowest_vs_mean": round(min(goodputs) / mean, 3) if goodputs else None,
@@ -113,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--consume-ms", type=float, default=20.0, help="per layer, receiver")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--daemon-args", default="", help="extra kvshipd flags, both daemons")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(argv)
     result = asyncio.run(run(opts))

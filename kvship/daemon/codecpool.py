@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..payload import Decoder, Encoder
+from ..payload import CODEC_RAW, Decoder, Encoder
 
 
 class CodecPool:
@@ -45,7 +45,11 @@ class CodecPool:
     def _encode(self, data: memoryview, codec: int) -> tuple[int, bytes, float]:
         start = time.perf_counter()
         used, wire = self._encoder().encode(data, codec)
-        out = bytes(wire)  # the encoder reuses its buffer for the next chunk
+        # The encoder reuses its buffer for the next chunk: a coded result is copied out.
+        # One that did not pay is the input itself: no copy (it used to be a private copy
+        # of every incompressible chunk, held until the chunk was sent: 512 MiB of it
+        # under 64 concurrent transfers, tools/bench_load.py).
+        out = bytes(wire) if used != CODEC_RAW else b""
         return used, out, time.perf_counter() - start
 
     async def encode(self, data: memoryview, codec: int) -> tuple[int, bytes]:
