@@ -50,7 +50,11 @@ class PeerStandIn:
         self.sent: list[Any] = []
         self.forgotten: list[int] = []
         self.is_open = True
-        self.conn = SimpleNamespace(forget=self.forgotten.append)
+        self.conn = SimpleNamespace(
+            forget=self.forgotten.append,
+            negotiated=SimpleNamespace(capabilities=0),  # no CAP_RESUME: the plain rules
+            is_forgotten=lambda tid: tid in self.forgotten,
+        )
         self.failed: BaseException | None = None
 
     def grant(self, nbytes: int) -> None:
