@@ -119,6 +119,7 @@ class OutgoingTransfer:
         self.resumable = False
         self.unacked: dict[int, _Queued] = {}
         self.inflight: dict[int, _Queued] = {}  # per stripe: the chunk being sent
+        self.acked_early: set[int] = set()  # ACKed while still being sent
         self.ended = False  # the engine's END arrived (and checked out)
         self.resuming: asyncio.Future[Resume] | None = None  # the receiver's RESUME
         self.resumes = 0
@@ -339,9 +340,10 @@ class OutgoingTransfer:
                 release()
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
             return False
-        if self.resumable:
+        if self.resumable and meta.chunk_index not in self.acked_early:
             self.unacked[meta.chunk_index] = sent  # freed by the receiver's ACK
         else:
+            self.acked_early.discard(meta.chunk_index)
             release()
         self.sent_on_stripe[index] += 1
         link.note_sent(raw_length, len(wire) + CHUNK_OVERHEAD)
@@ -355,10 +357,15 @@ class OutgoingTransfer:
     # --------------------------------------------------------------- resume
     def on_ack(self, frame: Ack) -> None:
         self.acked_any = True
+        sending = {item[0].chunk_index for item in self.inflight.values()}
         for index in frame.chunks:
             item = self.unacked.pop(index, None)
             if item is not None:
                 item[2]()
+            elif index in sending:
+                # The ACK overtook send_chunk's wait for the write buffer to drain (TLS
+                # buffers more): free it as soon as that returns, not never.
+                self.acked_early.add(index)
 
     def on_resume(self, frame: Resume) -> None:
         if self.resuming is not None and not self.resuming.done():
