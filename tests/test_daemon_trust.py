@@ -378,3 +378,26 @@ async def test_control_changes_need_loopback_or_the_token(
     assert response.status == status
     get = make_mocked_request("GET", "/v1/links", app=app, transport=_Transport((remote, 1)))
     assert (await guard_changes(get, handler)).status == 200  # reads stay open
+
+
+async def test_allow_senders_and_a_key_rotation_on_sighup(tmp_path: Path) -> None:
+    """A key in the file but not in allow_senders may not send; SIGHUP re-reads the file:
+    the new allow-list lets it in, with no restart and the old link untouched."""
+    two = tmp_path / "two.toml"
+    two.write_text(key_file_text("cluster", SECRET) + 'other = "' + ("ab" * 32) + '"\n')
+    two.chmod(0o600)
+    config = tmp_path / "decode.toml"
+    head = f'auth_key_file = "{two}"\nauth_key_id = "other"\n'
+    config.write_text(head + 'allow_senders = ["other"]\n')
+    sender = ["--auth-key-file", str(key_file(tmp_path))]
+    with daemons(tmp_path, sender, ["--config", str(config)]) as (a, b):
+        with pytest.raises(KvshipError) as info:
+            await ship(a, b, b.peer, seed=5)
+        assert "AUTH_FAILED" in str(info.value) and "not accepted" in str(info.value)
+        config.write_text(head + 'allow_senders = ["other", "cluster"]\n')
+        assert b.proc is not None
+        mark = LogMark.of(b)
+        b.proc.send_signal(signal.SIGHUP)
+        await mark.wait_for_async("reloaded")
+        await ship(a, b, b.peer, seed=6)
+        assert b.get_json("/healthz")["security"]["accepted_keys"] == ["cluster", "other"]
