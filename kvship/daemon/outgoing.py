@@ -254,9 +254,17 @@ class OutgoingTransfer:
         self.link.transfers[self.id] = self
         self.resumable = bool(conns[0].conn.negotiated.capabilities & CAP_RESUME)
         try:
+            if self.link.dead:
+                raise ConnectionError(f"the link to {self.opened.peer} was lost")
             self._open(conns, resume=False)
         except LocalProtocolError as exc:  # e.g. the link already carries max_transfers
             self.fail(exc.code, f"cannot open on the link to {self.opened.peer}: {exc.message}")
+            return
+        except ConnectionError as exc:  # lost between connecting and opening
+            if self.link.transfers.pop(self.id, None) is not None and not self.on_link_lost(
+                str(exc)
+            ):
+                self.fail(ErrorCode.PEER_UNREACHABLE, str(exc), tell_peer=False)
             return
         await self._negotiate_dedup(conns)
         if self.done.done():
@@ -288,7 +296,11 @@ class OutgoingTransfer:
             while True:
                 item = await queue.get()
                 if item is _END:
-                    conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
+                    try:
+                        conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
+                    except ConnectionError as exc:  # a resume ENDs it again on the new link
+                        if not self.resumable:
+                            self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
                     return
                 self.queued_bytes -= len(item[1])
                 self.inflight[index] = item
