@@ -461,12 +461,19 @@ class OutgoingTransfer:
                 self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {bad}: {CORRUPT_AT_SOURCE}")
                 return
             if self.restart:  # a fresh OPEN on the same connections (the old one ABORTed)
-                self.restart = False
                 try:
                     self._open(link.conns, resume=False)
                 except LocalProtocolError as exc:
                     self.fail(exc.code, f"cannot reopen on {self.opened.peer}: {exc.message}")
                     return
+                except ConnectionError as exc:  # lost again: the next round starts it over
+                    reason = str(exc)
+                    link.transfers.pop(self.id, None)
+                    self.link = None
+                    self.resuming = asyncio.get_running_loop().create_future()
+                    self.resuming.add_done_callback(_consume)
+                    continue
+                self.restart = False
             self._restripe(answer, len(link.conns))
             self.resumes += 1
             self._start_stripes(link.conns)
