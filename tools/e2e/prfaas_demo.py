@@ -148,23 +148,31 @@ class EgressWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
+            cap, before = self.cap, time.monotonic()
             try:
                 sent = self.daemon.metric("kvship_wire_sent_bytes")
             except OSError:
                 continue
-            self.samples.append((time.monotonic(), sent, self.cap))
+            # The counter was read somewhere within the scrape (slow on a loaded machine):
+            # its midpoint, and the cap in force for the whole scrape, or none.
+            if self.cap == cap:
+                self.samples.append(((before + time.monotonic()) / 2, sent, cap))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
 
     def peak_vs_cap(self, burst: float) -> float:
-        """The busiest 1 s window's bytes against (cap x 1 s + burst), the cap in force."""
+        """The busiest 1 s window's bytes against (cap x 1 s + burst), over windows in
+        which one cap was in force throughout (a window across a change has no single
+        bound: the old cap's chunks may still be leaving)."""
         worst = 0.0
         for i, (t0, b0, cap) in enumerate(self.samples):
             for t1, b1, cap1 in self.samples[i + 1 :]:
+                if cap1 != cap:
+                    break
                 if t1 - t0 >= 1.0:
-                    worst = max(worst, (b1 - b0) / (min(cap, cap1) * (t1 - t0) + burst))
+                    worst = max(worst, (b1 - b0) / (cap * (t1 - t0) + burst))
                     break
         return round(worst, 4)
 
