@@ -40,6 +40,7 @@ from kvship.integrations.paged import PagedGeometry
 THRESHOLD = 512  # tokens: the scaled-down case-study threshold
 MAX_LINK_WAIT_S = 3.0
 CAP_BEFORE, CAP_AFTER, BURST = "400MB/s", "8MB/s", "2MiB"
+SETTLE_S = 1.0  # after a cap change, windows are not judged for this long
 MAX_TOKENS = 8
 RESTORE_LONG = 3  # long prompts sent after the cap is raised again
 SMOLLM2 = PagedGeometry("smollm2", 30, 128, 3, 64, "float32", (3, 128, 128))
@@ -164,10 +165,17 @@ class EgressWatch:
 
     def peak_vs_cap(self, burst: float) -> float:
         """The busiest 1 s window's bytes against (cap x 1 s + burst), over windows in
-        which one cap was in force throughout (a window across a change has no single
-        bound: the old cap's chunks may still be leaving)."""
+        which one cap was in force throughout, from SETTLE_S after a change on (a window
+        across a change has no single bound: the old cap's chunks may still be leaving)."""
+        changes = [
+            t
+            for (t, _, c), (_, _, prev) in zip(self.samples[1:], self.samples[:-1], strict=True)
+            if c != prev
+        ]
         worst = 0.0
         for i, (t0, b0, cap) in enumerate(self.samples):
+            if any(t0 - SETTLE_S < t <= t0 for t in changes):
+                continue  # chunks let through at the old rate may still be leaving
             for t1, b1, cap1 in self.samples[i + 1 :]:
                 if cap1 != cap:
                     break
