@@ -324,25 +324,19 @@ class PeerLink:
         self.figures.add(payload, wire)
 
     def _on_frame(self, conn: FramedProtocol, frame: Frame) -> None:
-        if isinstance(frame, Complete):
+        if isinstance(frame, Complete | Abort | Have | Ack | Resume):
             transfer = self.transfers.get(frame.transfer_id)
-            if transfer is not None:
+            if transfer is None:
+                return  # ended meanwhile: its late answers are dropped
+            if isinstance(frame, Complete):
                 transfer.on_complete(frame)
-        elif isinstance(frame, Abort):
-            transfer = self.transfers.get(frame.transfer_id)
-            if transfer is not None:
+            elif isinstance(frame, Abort):
                 transfer.on_peer_abort(frame)
-        elif isinstance(frame, Have):
-            transfer = self.transfers.get(frame.transfer_id)
-            if transfer is not None:
+            elif isinstance(frame, Have):
                 transfer.on_have(frame)
-        elif isinstance(frame, Ack):
-            transfer = self.transfers.get(frame.transfer_id)
-            if transfer is not None:
+            elif isinstance(frame, Ack):
                 transfer.on_ack(frame)
-        elif isinstance(frame, Resume):
-            transfer = self.transfers.get(frame.transfer_id)
-            if transfer is not None:
+            else:
                 transfer.on_resume(frame)
         elif isinstance(frame, Ping):
             conn.send(Pong(frame.opaque))
