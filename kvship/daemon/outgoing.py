@@ -369,12 +369,11 @@ class OutgoingTransfer:
     # --------------------------------------------------------------- resume
     def on_ack(self, frame: Ack) -> None:
         self.acked_any = True
-        sending = {item[0].chunk_index for item in self.inflight.values()}
         for index in frame.chunks:
             item = self.unacked.pop(index, None)
             if item is not None:
                 item[2]()
-            elif index in sending:
+            elif any(sending[0].chunk_index == index for sending in self.inflight.values()):
                 # The ACK overtook send_chunk's wait for the write buffer to drain (TLS
                 # buffers more): free it as soon as that returns, not never.
                 self.acked_early.add(index)
@@ -396,10 +395,14 @@ class OutgoingTransfer:
         for task in stripes:
             task.cancel()
         self.link = None
-        self.resuming = asyncio.get_running_loop().create_future()
-        self.resuming.add_done_callback(_consume)
+        self._await_resume()
         self.tasks = [spawn(self._resume(stripes, reason), name=f"resume-{self.id:x}")]
         return True
+
+    def _await_resume(self) -> None:
+        """A fresh future for the receiver's RESUME (a loss while waiting fails it)."""
+        self.resuming = asyncio.get_running_loop().create_future()
+        self.resuming.add_done_callback(_consume)
 
     async def _resume(self, stripes: list[asyncio.Task[None]], reason: str) -> None:
         """Reconnect with capped exponential backoff and jitter, re-open the transfer with
@@ -430,14 +433,16 @@ class OutgoingTransfer:
                     return
                 assert self.resuming is not None
                 if self.resuming.done():  # a loss reported while connecting: a fresh wait
-                    self.resuming = asyncio.get_running_loop().create_future()
-                    self.resuming.add_done_callback(_consume)
+                    self._await_resume()
                 self.link = link
                 link.transfers[self.id] = self
                 self.unknown_aborts = 0
                 self._open(link.conns, resume=True)
                 wait = min(remaining, settings.connect_timeout_s)
                 answer = await asyncio.wait_for(asyncio.shield(self.resuming), wait)
+                if self.restart:  # the receiver never saw it: a fresh OPEN, as new
+                    self._open(link.conns, resume=False)
+                    self.restart = False
             except LocalProtocolError as exc:
                 self.fail(exc.code, f"cannot resume on {self.opened.peer}: {exc.message}")
                 return
@@ -446,8 +451,7 @@ class OutgoingTransfer:
                 if link is not None:
                     link.transfers.pop(self.id, None)
                 self.link = None
-                self.resuming = asyncio.get_running_loop().create_future()
-                self.resuming.add_done_callback(_consume)
+                self._await_resume()
                 pause = min(delay * random.uniform(0.5, 1.5), max(0.0, remaining))
                 await asyncio.sleep(pause)
                 delay = min(2 * delay, RESUME_BACKOFF_MAX_S)
@@ -456,24 +460,10 @@ class OutgoingTransfer:
                 self.fail(ErrorCode.PROTOCOL_ERROR, "RESUME for another number of chunks")
                 return
             self.resuming = None
-            bad = self._corrupt_unacked()
+            bad = self._corrupt_unacked(answer)
             if bad is not None:  # the receiver saw it corrupt: the engine's bytes are
                 self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {bad}: {CORRUPT_AT_SOURCE}")
                 return
-            if self.restart:  # a fresh OPEN on the same connections (the old one ABORTed)
-                try:
-                    self._open(link.conns, resume=False)
-                except LocalProtocolError as exc:
-                    self.fail(exc.code, f"cannot reopen on {self.opened.peer}: {exc.message}")
-                    return
-                except ConnectionError as exc:  # lost again: the next round starts it over
-                    reason = str(exc)
-                    link.transfers.pop(self.id, None)
-                    self.link = None
-                    self.resuming = asyncio.get_running_loop().create_future()
-                    self.resuming.add_done_callback(_consume)
-                    continue
-                self.restart = False
             self._restripe(answer, len(link.conns))
             self.resumes += 1
             self._start_stripes(link.conns)
@@ -486,13 +476,16 @@ class OutgoingTransfer:
             )
             return
 
-    def _corrupt_unacked(self) -> int | None:
+    def _corrupt_unacked(self, held: Resume) -> int | None:
         """A chunk to send again whose bytes do not match their checksum (a corrupt
         engine's; the sending daemon forwards unchecked, SPEC §7.4): resending cannot
-        help. Only raw ones are checked here: a coded copy would need decoding, and for it
-        the receiver's second look decides (the same chunk corrupt twice fails it)."""
+        help. Only those the receiver lacks, and only raw ones: a coded copy would need
+        decoding, and for it the receiver's second look decides (the same chunk corrupt
+        twice fails it)."""
         for index, (meta, data, _, _) in self.unacked.items():
-            if meta.codec == CODEC_RAW and chunk_checksum(data) != meta.checksum:
+            if held.holds(index) or meta.codec != CODEC_RAW:
+                continue
+            if chunk_checksum(data) != meta.checksum:
                 return index
         return None
 
