@@ -267,11 +267,16 @@ class Config:
 
     @property
     def sender_list(self) -> list[str]:
-        return [p.strip() for p in self.allow_senders.split(",") if p.strip()]
+        return _listed(self.allow_senders)
 
     @property
     def peer_list(self) -> list[str]:
-        return [p.strip() for p in self.peers.split(",") if p.strip()]
+        return _listed(self.peers)
+
+
+def _listed(value: str) -> list[str]:
+    """A comma-separated key's items (a TOML list was joined with commas on reading)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 _TYPES = {f.name: f.type for f in fields(Config)}
@@ -357,17 +362,22 @@ class Trust:
     control_token: str  # "" = mutating control endpoints are loopback only
 
 
-def load_trust(config: Config) -> Trust:
-    """Read the key, token and TLS files (TrustError naming the file if one is bad)."""
+def load_trust(config: Config, reuse: TlsContexts | None = None) -> Trust:
+    """Read the key, token and TLS files (TrustError naming the file if one is bad).
+    ``reuse``: TLS contexts a listener holds (SIGHUP): the files load into them, after
+    everything else read well, rather than into new ones."""
     accepted = peer_keys = None
     if config.auth_key_file:
         keys = KeyFile.load(config.auth_key_file)
         accepted = keys.accepted(config.sender_list)
         peer_keys = PeerKeys(keys, keys.own(config.auth_key_id))
-    tls = None
-    if config.tls_cert:
-        tls = TlsContexts(config.tls_cert, config.tls_key, config.tls_ca)
     token = read_token(config.control_token_file) if config.control_token_file else ""
+    tls = None
+    if config.tls_cert and reuse is not None:
+        reuse.reload(config.tls_cert, config.tls_key, config.tls_ca)
+        tls = reuse
+    elif config.tls_cert:
+        tls = TlsContexts(config.tls_cert, config.tls_key, config.tls_ca)
     return Trust(accepted, peer_keys, tls, token)
 
 

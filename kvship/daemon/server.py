@@ -179,16 +179,12 @@ class Daemon:
     def reload(self, config: Config) -> None:
         """SIGHUP: apply the new file's rate limits, compression, keys and TLS files
         (all validated before anything changes)."""
-        trust = load_trust(config)
-        if (trust.tls is None) != (self.trust.tls is None):
+        if bool(config.tls_cert) != (self.trust.tls is not None):
             raise ValueError("TLS on or off needs a restart (tls_cert was set or cleared)")
-        if (trust.accepted_keys is None) != (self.trust.accepted_keys is None):
+        if bool(config.auth_key_file) != (self.trust.accepted_keys is not None):
             raise ValueError("authentication on or off needs a restart (auth_key_file)")
-        if self.trust.tls is not None and trust.tls is not None:
-            tls = self.trust.tls  # the listener holds these contexts: load into them
-            tls.cert, tls.key, tls.ca = trust.tls.cert, trust.tls.key, trust.tls.ca
-            tls.reload()
-            trust = replace(trust, tls=tls)
+        # The listener holds its TLS contexts: the files load into them.
+        trust = load_trust(config, reuse=self.trust.tls)
         self.links.reload(config, trust.peer_keys)
         self.trust = trust
         self.config = replace(

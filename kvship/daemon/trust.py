@@ -157,18 +157,21 @@ class TlsContexts:
             ctx.verify_mode = ssl.CERT_REQUIRED  # the server asks for the client's too
         self.reload()
 
-    def reload(self) -> None:
-        """Load cert, key and CA into both contexts; raises TrustError naming the file,
-        having changed nothing (the files are tried on a scratch context first)."""
+    def reload(self, cert: str = "", key: str = "", ca: str = "") -> None:
+        """Load cert, key and CA (these files, or the same ones again) into both contexts;
+        raises TrustError naming the file, having changed nothing (the files are tried on
+        a scratch context first)."""
+        cert, key, ca = cert or self.cert, key or self.key, ca or self.ca
         for ctx in (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), self.server, self.client):
             try:
-                ctx.load_cert_chain(self.cert, self.key)
+                ctx.load_cert_chain(cert, key)
             except (OSError, ssl.SSLError) as exc:
-                raise TrustError(f"tls_cert {self.cert} / tls_key {self.key}: {exc}") from None
+                raise TrustError(f"tls_cert {cert} / tls_key {key}: {exc}") from None
             try:
-                ctx.load_verify_locations(cafile=self.ca)  # adds: a removed CA needs a restart
+                ctx.load_verify_locations(cafile=ca)  # adds: a removed CA needs a restart
             except (OSError, ssl.SSLError) as exc:
-                raise TrustError(f"tls_ca {self.ca}: {exc}") from None
+                raise TrustError(f"tls_ca {ca}: {exc}") from None
+        self.cert, self.key, self.ca = cert, key, ca
 
 
 def is_loopback(host: str) -> bool:
