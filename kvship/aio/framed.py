@@ -34,6 +34,7 @@ from ..protocol import (
     Role,
 )
 from ..protocol.auth import PeerKey
+from ..protocol.errors import code_name
 
 log = logging.getLogger("kvship.wire")
 
@@ -323,9 +324,8 @@ async def open_connection(
         proto.write(conn.initiate(hello))
         reply = await proto.handshake
         if isinstance(reply, GoAway):
-            code = ErrorCode(reply.code).name if reply.code in set(ErrorCode) else reply.code
             raise ConnectionRefusedError(
-                f"{address} refused the handshake: {code}: {reply.message}"
+                f"{address} refused the handshake: {code_name(reply.code)}: {reply.message}"
             )
         if not isinstance(reply, HelloAck):
             raise ConnectionError(f"{address} answered the handshake with {reply!r}")

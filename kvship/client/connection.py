@@ -29,6 +29,7 @@ from ..protocol import (
     ShmAttach,
     ShmAttached,
 )
+from ..protocol.errors import code_name
 from ..staging import Arena, RingAllocator, StagingCopy, pin, unpin
 
 DEFAULT_SOCKET = "/run/kvship/kvshipd.sock"
@@ -163,7 +164,7 @@ class EngineConnection:
         if self._close_reason is not None:
             why = self._close_reason
         elif self._goaway is not None:
-            why = f"the daemon closed it (GOAWAY {_code_name(self._goaway.code)}: "
+            why = f"the daemon closed it (GOAWAY {code_name(self._goaway.code)}: "
             why += f"{self._goaway.message})"
         elif cause is not None:
             why = f"{type(cause).__name__}: {cause}"
@@ -337,10 +338,3 @@ class EngineConnection:
                     unpin(self.arena.buffer)
                 self.pinned = False
             self.arena.close()
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return str(code)

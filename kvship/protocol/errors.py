@@ -43,6 +43,11 @@ class ErrorCode(IntEnum):
     TRANSFER_TOO_LARGE = 21  # more chunks in one transfer than MAX_CHUNKS
 
 
+def code_name(code: int) -> str:
+    """``AUTH_FAILED`` for 12; a code this side does not know, as its number."""
+    return ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+
+
 class ProtocolError(Exception):
     """The peer broke the protocol. ``code`` is what goes into the GOAWAY frame."""
 
