@@ -1712,33 +1712,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = args.engine
         if engine == "auto":
             engine = "atheris" if _have_atheris() else "random"
+        common: dict[str, Any] = {
+            "runs": args.runs,
+            "max_seconds": args.max_seconds,
+            "corpus": corpus,
+            "crash_dir": crash_dir,
+            "seed": args.seed,
+            "call_timeout": args.call_timeout,
+            "check_every": args.check_every,
+            "auth": args.auth,
+        }
         if engine == "atheris":
             summary = fuzz_atheris(
                 args.target,
-                runs=args.runs,
-                max_seconds=args.max_seconds,
-                corpus=corpus,
-                crash_dir=crash_dir,
-                seed=args.seed,
-                call_timeout=args.call_timeout,
-                check_every=args.check_every,
+                **common,
                 log_path=args.log,
                 extra_args=args.libfuzzer_arg,
                 memory_limit_mb=args.memory_limit_mb,
-                auth=args.auth,
             )
         else:
-            summary = fuzz_random(
-                args.target,
-                runs=args.runs,
-                max_seconds=args.max_seconds,
-                corpus=corpus,
-                crash_dir=crash_dir,
-                seed=args.seed,
-                call_timeout=args.call_timeout,
-                check_every=args.check_every,
-                auth=args.auth,
-            )
+            summary = fuzz_random(args.target, **common)
     if args.json:
         print(json.dumps(summary, sort_keys=False))
     else:
