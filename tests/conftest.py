@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import inspect
 import secrets
 import socket
 import struct
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,22 @@ from kvship.protocol import (
     Open,
     chunk_checksum,
 )
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module (tools are scripts, not a package), once per run:
+    registered in sys.modules, where dataclasses look their module up."""
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
 
 HEADER = struct.Struct(">IBBH")  # length, type, flags, reserved (SPEC.md §3)
 IO_TIMEOUT = 10.0  # seconds any single socket read may take before the test fails

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("faultproxy", ROOT / "tools/faultproxy.py")
-assert _spec is not None and _spec.loader is not None
-faultproxy = importlib.util.module_from_spec(_spec)
-sys.modules["faultproxy"] = faultproxy  # dataclasses look their module up there
-_spec.loader.exec_module(faultproxy)
+from conftest import load_tool
+
+faultproxy = load_tool("faultproxy")
 
 FaultProxy, Schedule, Fault, UP, DOWN = (
     faultproxy.FaultProxy,

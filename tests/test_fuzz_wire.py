@@ -5,17 +5,16 @@ against real kvshipd. The long, coverage-guided runs are ``make fuzz`` (nightly)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from conftest import load_tool
 from kvship.protocol import Connection, FrameType, Ping
 from kvship.protocol.frames import DECODERS
 
@@ -23,16 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "fuzz_wire.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fuzz_wire", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_wire"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz_wire = _load()
+fuzz_wire = load_tool("fuzz_wire")
 RUNS = 300
 
 

@@ -6,13 +6,19 @@ restarted, a sender that never comes back."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import LogMark, free_port, random_layers, receive_all, same_bytes, send_layers
+from conftest import (
+    LogMark,
+    free_port,
+    load_tool,
+    random_layers,
+    receive_all,
+    same_bytes,
+    send_layers,
+)
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
 from kvship.errors import KvshipError
@@ -32,12 +38,7 @@ from kvship.protocol import (
     Role,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("faultproxy", ROOT / "tools" / "faultproxy.py")
-assert _spec is not None and _spec.loader is not None
-faultproxy = importlib.util.module_from_spec(_spec)
-sys.modules["faultproxy"] = faultproxy
-_spec.loader.exec_module(faultproxy)
+faultproxy = load_tool("faultproxy")
 
 # Slow enough that three resets land mid-transfer: 24 MiB at 400 Mbit/s is ~0.5 s.
 RATE = ["--peer-rate", "400mbit", "--peer-burst", "4MiB", "--resume-timeout-s", "20"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import sys
 import tempfile
@@ -23,17 +22,11 @@ from typing import Any
 
 import numpy as np
 
+import faultproxy  # beside this script (tools/), as tools/soak.py imports it
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
 from kvship.protocol import LayerSpec
 from kvship.units import parse_size
-
-ROOT = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("faultproxy", ROOT / "faultproxy.py")
-assert _spec is not None and _spec.loader is not None
-faultproxy = importlib.util.module_from_spec(_spec)
-sys.modules["faultproxy"] = faultproxy
-_spec.loader.exec_module(faultproxy)
 
 
 async def one_transfer(
