@@ -293,11 +293,16 @@ def test_any_altered_handshake_byte_fails_the_handshake(step: int, data: st.Data
     altered[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
     ignorable = pos == (8 if step == 0 else 0) + 5  # HELLO comes after the 8-byte MAGIC
     i, a = fixed_pair()
-    send = [i.initiate, lambda: a.accept("decode-b", CAP_STRIPING), i.prove, a.accept]
+    send = [
+        lambda: i.initiate(HELLO),
+        lambda: a.accept("decode-b", CAP_STRIPING),
+        i.prove,
+        a.accept,
+    ]
     to = [a, i, a, i]
     try:
         for k in range(4):
-            out = send[k]() if k != 0 else send[k](HELLO)  # type: ignore[operator]
+            out = send[k]()
             to[k].receive_data(bytes(altered) if k == step else out)
     except ProtocolError as exc:
         assert not ignorable, exc
