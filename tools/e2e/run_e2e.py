@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -351,6 +352,7 @@ def main() -> int:
         timelines: dict[str, Any] = {}
         ttft_parts: dict[str, Any] = {}
         computed_on_decode: dict[str, int] = {}
+        errors: dict[str, dict[str, str | None]] = {}
         for name, ids in asks.items():
             key = f"e2e-{name}"
             before = prefill.metric("kvship_wire_sent_bytes")
@@ -377,6 +379,11 @@ def main() -> int:
             identical[name] = out["tokens"] == single[name]
             save = event(stats_path, "save", key)
             consume = event(stats_path, "consume", key)
+            load = event(stats_path, "load", key, timeout=1)
+            errors[name] = {
+                "save": "no save event" if save is None else save["error"],
+                "load": "no load event" if load is None else load["error"],
+            }
             wire[name] = int(prefill.metric("kvship_wire_sent_bytes") - before)
             layers_before_end[name] = -1 if save is None else save["layers_put_before_prefill_end"]
             timelines[name] = None if save is None else save["timeline_ms"]
@@ -398,6 +405,7 @@ def main() -> int:
             ),
             layers_sent_before_prefill_end=layers_before_end,
             save_timeline_ms=timelines,
+            transfer_errors=errors,
             computed_prompt_tokens_on_decode=computed_on_decode,
             prefill_skipped_on_decode=bool(computed_on_decode)
             and all(0 <= v <= 1 for v in computed_on_decode.values()),
@@ -412,7 +420,25 @@ def main() -> int:
             engine.stop()
         for daemon in (prefill, decode):
             daemon.stop()
-    return finish(report, failures, started, check)
+
+    def explain(report: dict[str, Any]) -> None:  # a failed CI run explained from its log
+        report["daemon_warnings"] = {d.name: warnings(d.log_path) for d in (prefill, decode)}
+        report["engine_warnings"] = {
+            e.name: warnings(e.log_path, only="kvship") for e in (producer, consumer)
+        }
+
+    return finish(report, failures, started, check, explain)
+
+
+def warnings(log_path: Path | None, last: int = 40, only: str = "") -> list[str]:
+    """A log's last WARNING / ERROR lines (with any traceback lines), those naming
+    ``only`` when given."""
+    if log_path is None or not log_path.exists():
+        return []
+    lines = log_path.read_text(errors="replace").splitlines()
+    quiet = re.compile(r"\b(INFO|DEBUG)\b")
+    keep = [line[:400] for line in lines if only in line and not quiet.search(line[:60])]
+    return keep[-last:]
 
 
 def finish(
@@ -420,10 +446,14 @@ def finish(
     failures: list[str],
     started: float,
     check: Callable[[dict[str, Any], list[str]], None],
+    explain: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
-    """Check the targets, print the report as the last line; the exit status."""
+    """Check the targets (``explain`` adds what tells why, when one is missed), print the
+    report as the last line; the exit status."""
     report["seconds"] = round(time.monotonic() - started, 1)
     check(report, failures)
+    if failures and explain is not None:
+        explain(report)
     report["failures"] = failures
     report["ok"] = not failures
     print(json.dumps(report))
