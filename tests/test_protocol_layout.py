@@ -74,7 +74,7 @@ def test_the_fixed_frames_use_the_base() -> None:
     names = {cls.__name__ for cls in fixed_frames()}
     assert names == {
         "Hello", "HelloAck", "End", "Complete", "Credit", "Abort", "Ping", "Pong", "GoAway",
-        "Have", "Subscribe", "ShmAttach", "ShmAttached", "LayerReady", "Release",
+        "Have", "Hold", "Subscribe", "ShmAttach", "ShmAttached", "LayerReady", "Release",
     }  # fmt: skip
     for cls in fixed_frames():  # no per-class encode/decode boilerplate left
         assert "encode" not in vars(cls) and "decode" not in vars(cls), cls.__name__

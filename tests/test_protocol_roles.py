@@ -16,6 +16,7 @@ import pytest
 from kvship.protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_HOLD,
     CAP_RESUME,
     CAP_SHM,
     CAP_STRIPING,
@@ -35,6 +36,7 @@ from kvship.protocol import (
     GoAway,
     Have,
     Hello,
+    Hold,
     LayerReady,
     LayerSpec,
     LocalProtocolError,
@@ -55,7 +57,7 @@ from kvship.protocol import (
 from kvship.protocol.roles import MAY_SEND
 from test_protocol_send import snapshot
 
-PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME
+PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_HOLD
 LAYERS = (LayerSpec("uint8", (8,), 8),)
 DATA = b"01234567"
 META = ChunkMeta(1, 0, 0, 0, 8, chunk_checksum(DATA))
@@ -104,6 +106,7 @@ LEGAL: dict[tuple[Side, int], tuple[list[Step], Any]] = {
     (S.PEER_ACCEPTOR, T.HAVE): ([("them", peer_open())], Have(1, 0, False)),
     (S.PEER_ACCEPTOR, T.ACK): ([("them", peer_open())], Ack(1, (0,))),
     (S.PEER_ACCEPTOR, T.RESUME): ([("them", peer_open())], Resume.of(1, 1, {0})),
+    (S.PEER_ACCEPTOR, T.HOLD): ([("them", peer_open())], Hold(1, True)),
     (S.ENGINE, T.OPEN): ([], put_open()),
     (S.ENGINE, T.CHUNK): ([("me", put_open())], Chunk(META, DATA)),
     (S.ENGINE, T.END): ([("me", put_open())], End(1, 0, 0)),
@@ -159,6 +162,7 @@ SAMPLES: dict[int, Any] = {
     T.HAVE: Have(1, 0, False),
     T.ACK: Ack(1, (0,)),
     T.RESUME: Resume.of(1, 1, set()),
+    T.HOLD: Hold(1, True),
     T.SUBSCRIBE: Subscribe("req", 0),
     T.SHM_ATTACH: ShmAttach(1 << 20, "/dev/shm/a"),
     T.SHM_ATTACHED: ShmAttached(1 << 20),

@@ -45,6 +45,7 @@ from kvship.protocol import (
     Have,
     Hello,
     HelloAck,
+    Hold,
     LayerReady,
     LayerSpec,
     Limits,
@@ -86,6 +87,7 @@ CLASSES: dict[str, type] = {
     "PONG": Pong,
     "GOAWAY": GoAway,
     "HAVE": Have,
+    "HOLD": Hold,
     "SUBSCRIBE": Subscribe,
     "SHM_ATTACH": ShmAttach,
     "SHM_ATTACHED": ShmAttached,
@@ -120,6 +122,8 @@ def from_fields(type_name: str, fields: dict[str, Any]) -> Any:
         assert f.pop("wire_length") == f["meta"].raw_length
     if type_name == "HAVE":
         assert type(f["states"]) is int and f["states"] in (0, 1)
+    if type_name == "HOLD":
+        assert type(f["hold"]) is int and f["hold"] in (0, 1)
     if type_name == "HELLO":
         f["auth"] = bytes.fromhex(f["auth"])
     for name in ("nonce", "mac"):  # AUTH_CHALLENGE, AUTH_PROOF

@@ -52,6 +52,7 @@ from kvship.protocol import (
     Have,
     Hello,
     HelloAck,
+    Hold,
     LayerReady,
     LayerSpec,
     Limits,
@@ -101,6 +102,8 @@ def frame_case(
         fields["n_chunks"] = frame.n_chunks
     if isinstance(frame, Have):  # a u8 on the wire (0/1), not a JSON boolean
         fields["states"] = int(frame.states)
+    if isinstance(frame, Hold):  # likewise
+        fields["hold"] = int(frame.hold)
     if isinstance(frame, ShmChunk):  # on the wire, always equal to raw_length
         fields["wire_length"] = frame.meta.raw_length
     if raw is not None:  # a coded CHUNK: the bytes its data decodes to
@@ -296,6 +299,11 @@ def frames() -> list[dict[str, Any]]:
             "have",
             Have(0x0123456789ABCDEF, 115, True),
             "HAVE: the receiver holds the first 115 blocks and the exact linear states",
+        ),
+        frame_case(
+            "hold",
+            Hold(0x0123456789ABCDEF, True),
+            "HOLD: the receiver asks the sender to stop sending this transfer's chunks",
         ),
         frame_case(
             "subscribe",

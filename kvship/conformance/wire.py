@@ -45,8 +45,16 @@ CAP_DEDUP = 0x8
 CAP_AUTH = 0x10  # granted only after the pre-shared-key exchange (§6.4)
 CAP_RESUME = 0x20  # ACK / RESUME, OPEN's resume flag (§7.7)
 CAP_OPEN_CHECK = 0x40  # END's open_check (§7.4)
+CAP_HOLD = 0x80  # HOLD pauses one transfer's chunks (§7.8)
 KNOWN_CAPS = (
-    CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH | CAP_RESUME | CAP_OPEN_CHECK
+    CAP_SHM
+    | CAP_STRIPING
+    | CAP_CODECS
+    | CAP_DEDUP
+    | CAP_AUTH
+    | CAP_RESUME
+    | CAP_OPEN_CHECK
+    | CAP_HOLD
 )
 # What the kit's checks offer unless they test one of the others on purpose.
 BASE_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP
@@ -79,6 +87,7 @@ FRAME_TYPES: dict[str, int] = {
     "SHM_CHUNK": 0x23,
     "LAYER_READY": 0x24,
     "RELEASE": 0x25,
+    "HOLD": 0x26,
 }
 TYPE_NAMES: dict[int, str] = {v: k for k, v in FRAME_TYPES.items()}
 
@@ -304,6 +313,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _ABORT = struct.Struct(">QH")
 _HAVE = struct.Struct(">QIB3x")
+_HOLD = struct.Struct(">QB3x")  # §5.22
 _SHM_CHUNK_TAIL = struct.Struct(">QI4x")
 _LAYER_READY = struct.Struct(">QIIQQ")
 _RELEASE = struct.Struct(">QQ")
@@ -408,6 +418,8 @@ def encode_body(name: str, f: Fields) -> bytes:
         return _U16.pack(f["code"]) + _str16(f.get("message", ""))
     if name == "HAVE":
         return _HAVE.pack(f["transfer_id"], f["blocks"], int(bool(f.get("states", False))))
+    if name == "HOLD":
+        return _HOLD.pack(f["transfer_id"], int(bool(f.get("hold", True))))
     if name == "SUBSCRIBE":
         return _U32.pack(f.get("timeout_ms", 0)) + _str16(f["request_id"])
     if name == "SHM_ATTACH":
@@ -563,6 +575,12 @@ def decode_body(name: str, body: bytes) -> Fields:
         if states > 1:
             raise _malformed(f"HAVE states {states}")
         return {"transfer_id": tid, "blocks": blocks, "states": bool(states)}
+    if name == "HOLD":
+        _exact(body, _HOLD.size, name)
+        tid, hold = _HOLD.unpack(body)
+        if hold > 1:
+            raise _malformed(f"HOLD hold {hold}")
+        return {"transfer_id": tid, "hold": bool(hold)}
     if name == "SUBSCRIBE":
         (timeout_ms,) = r.unpack(_U32, "SUBSCRIBE timeout_ms")
         request_id = r.str16("request_id")

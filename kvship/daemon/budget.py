@@ -4,14 +4,32 @@ A chunk that cannot go straight into an engine's arena waits in daemon memory. I
 (the window bytes it used) goes back to the sending peer only while the memory held stays
 under the bound; past it, credit waits here, so the sender slows down instead of the
 daemon growing.
+
+Credit is per connection and every transfer of a link shares its connections, so credit
+withheld for one transfer stops them all. That could deadlock: a budget full of *parts* of
+layers (transfers that arrived before their engines, connections that ran ahead of the
+others) completes no layer, so none is delivered, so nothing is freed, while the chunks
+that would complete one wait for credit. Hence the *finishing* rule, for the transfer an
+engine has waited for longest and the connections carrying the missing chunks of its
+first incomplete layer (``finishing``, from the registry):
+
+- a chunk arriving on one of those connections gets its credit back: one of that layer
+  (each stripe sends in order), or one of another transfer, which is then paused at its
+  sender (HOLD, SPEC §7.8: ``owner.pause_sender``) until there is room again or its engine
+  claims it;
+- withheld credit of those connections is granted (``reconsider``) when an engine claims a
+  transfer, a layer completes or memory is freed.
+
+So staging overshoots its bound by at most what was in flight when it filled (a window per
+connection) and what a HOLD overtakes (another). Without ``CAP_HOLD`` on the link the
+second point cannot apply, and credit is withheld as before.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
-
-from prometheus_client import Gauge
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 
 class Grantor(Protocol):
@@ -20,18 +38,60 @@ class Grantor(Protocol):
     def grant(self, nbytes: int) -> None: ...
 
 
+class Owner(Protocol):
+    """What the budget needs of the transfer a held chunk belongs to."""
+
+    def pause_sender(self, conn: Any) -> bool:
+        """Ask the sender to stop sending this transfer, on the peer connection ``conn``
+        (True if it is paused now)."""
+        ...
+
+
+class Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+Finishing = Callable[[], tuple[object | None, Collection[object]]]
+
+
+def _none_finishing() -> tuple[object | None, Collection[object]]:
+    return None, ()
+
+
+def _nothing() -> None:
+    pass
+
+
 class StagingBudget:
-    def __init__(self, limit_bytes: int, gauge: Gauge | None = None) -> None:
+    def __init__(
+        self,
+        limit_bytes: int,
+        gauge: Gauge | None = None,
+        finishing: Finishing = _none_finishing,
+        on_room: Callable[[], None] = _nothing,
+    ) -> None:
         self.limit = limit_bytes
         self.staged = 0
         self._gauge = gauge
+        self._finishing = finishing
+        self._on_room = on_room  # under the bound again: paused senders may go on
         self._deferred: deque[tuple[Grantor, int]] = deque()
 
-    def hold(self, conn: Grantor, nbytes: int, credit: int) -> None:
-        """``nbytes`` now sit in daemon memory; ``credit`` returns when there is room."""
+    @property
+    def deferred_bytes(self) -> int:
+        """Credit waiting for room (what a stall report shows)."""
+        return sum(n for _, n in self._deferred)
+
+    def hold(self, conn: Grantor, nbytes: int, credit: int, owner: Owner | None = None) -> None:
+        """``nbytes`` of ``owner`` now sit in daemon memory; ``credit`` returns when there
+        is room, or at once where the finishing rule says so."""
         self.staged += nbytes
         self._show()
         if self.staged <= self.limit and not self._deferred:
+            conn.grant(credit)
+            return
+        transfer, conns = self._finishing()
+        if owner is not None and conn in conns and (owner is transfer or owner.pause_sender(conn)):
             conn.grant(credit)
         else:
             self._deferred.append((conn, credit))
@@ -42,6 +102,26 @@ class StagingBudget:
         while self._deferred and self.staged <= self.limit:
             conn, credit = self._deferred.popleft()
             conn.grant(credit)
+        if self.staged <= self.limit:
+            self._on_room()
+        self.reconsider()
+
+    def reconsider(self) -> None:
+        """Grant the withheld credit of the connections that finish the oldest incomplete
+        layer (call when that layer may have changed: an engine claimed a transfer, a
+        layer completed, memory was freed)."""
+        if not self._deferred:
+            return
+        _, conns = self._finishing()
+        if not conns:
+            return
+        kept: deque[tuple[Grantor, int]] = deque()
+        for conn, credit in self._deferred:
+            if conn in conns:
+                conn.grant(credit)
+            else:
+                kept.append((conn, credit))
+        self._deferred = kept
 
     def forget(self, conn: Grantor) -> None:
         """A peer connection closed: its deferred credit has nobody to go to."""

@@ -27,6 +27,7 @@ from typing import Protocol
 from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, skipped_bytes
 from ..protocol import (
+    CAP_HOLD,
     CAP_RESUME,
     CODEC_RAW,
     Abort,
@@ -37,6 +38,7 @@ from ..protocol import (
     End,
     ErrorCode,
     Have,
+    Hold,
     LayerSpec,
     Open,
     ProtocolError,
@@ -119,6 +121,8 @@ class IncomingTransfer:
         self.changed = asyncio.Event()  # wakes the delivery
         self._delivered_any = False
         self.last_activity = time.monotonic()
+        self.stall_reported = False  # a "nothing moves" warning went out for it
+        self.sender_paused = False  # HOLD sent: its sender waits until told to go on
         self.completion: Complete | None = None  # the COMPLETE sent (a resume repeats it)
         self.resumes = 0  # times the sender re-opened it on new connections
         self.resumed = False  # from then on chunks land in daemon memory, never an arena
@@ -366,7 +370,7 @@ class IncomingTransfer:
             scratch = data.obj
             assert isinstance(scratch, bytearray), type(scratch)
             self.held.setdefault(meta.layer, []).append((meta.offset, scratch))
-            self.ctx.budget.hold(conn, n, wire)
+            self.ctx.budget.hold(conn, n, wire, owner=self)
             metrics.chunks_staged.inc()
         self.record.bytes_done += n
         self.record.chunks_done += 1
@@ -376,6 +380,7 @@ class IncomingTransfer:
         if self.pending[meta.layer] == 0:
             self.ready.append(meta.layer)
             self.changed.set()
+            self.ctx.budget.reconsider()  # the next layer may need other connections
         if _resumable(conn):
             self._ack(conn, meta.chunk_index)
 
@@ -455,6 +460,51 @@ class IncomingTransfer:
             ErrorCode.PEER_UNREACHABLE, f"a stripe's connection closed: {error}", tell_sender=False
         )
 
+    def finishing_connections(self) -> set[object]:
+        """The connections carrying the missing chunks of this transfer's first
+        incomplete layer, when an engine waits for it (else none: an unclaimed transfer
+        stays inside the staging bound). A layer holding a region of the engine's arena
+        comes first: completed, it is delivered and frees the arena space that layers
+        complete in daemon memory are waiting for."""
+        dest = self.destination_of
+        if self.state is not TransferState.OPEN or dest is None or not dest.attached:
+            return set()
+        incomplete = [i for i, n in enumerate(self.pending) if n > 0]
+        if not incomplete:
+            return set()
+        layer = next((i for i in incomplete if i in self.regions), incomplete[0])
+        stripes = {
+            index % self.n_stripes
+            for index in range(self.starts[layer], self.starts[layer + 1])
+            if not self.digest.has(index) and index not in self._skipped
+        }
+        return {self.stripe_conns[s] for s in stripes if s in self.stripe_conns}
+
+    def pause_sender(self, conn: FramedProtocol) -> bool:
+        """HOLD this transfer at its sender (SPEC §7.8): its chunks fill staging while a
+        transfer an engine waits for needs the connections' credit. False where the
+        link cannot (no ``CAP_HOLD``)."""
+        if self.sender_paused:
+            return True
+        if not conn.conn.negotiated.capabilities & CAP_HOLD or not conn.is_open:
+            return False
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            conn.send(Hold(self.id, True))
+            self.sender_paused = True
+            self.ctx.metrics.holds_sent.inc()
+        return self.sender_paused
+
+    def resume_sender(self) -> None:
+        """Tell a paused sender to go on (room again, or an engine claimed it)."""
+        if not self.sender_paused or self.state is not TransferState.OPEN:
+            return
+        for conn in self.stripe_conns.values():
+            if conn.is_open:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    conn.send(Hold(self.id, False))
+                    self.sender_paused = False
+                    return
+
     # ------------------------------------------------------- delivery API
     @property
     def claimable(self) -> bool:
@@ -471,6 +521,8 @@ class IncomingTransfer:
         self.destination_of = destination
         self.last_activity = time.monotonic()
         self.changed.set()
+        self.resume_sender()  # its engine reads it now: never paused any more
+        self.ctx.budget.reconsider()  # its first incomplete layer's credit flows now
 
     def ready_layers(self) -> list[int]:
         """Layers whose every chunk is in (or comes from the store), not yet delivered."""
@@ -500,6 +552,16 @@ class IncomingTransfer:
             offset = (index - first) * size
             chunk = view[offset : min(offset + size, nbytes)]
             self.filled_checksums[index] = chunk_checksum(chunk)
+
+    def progress(self) -> str:
+        """Where it stands, for a stall report: layers in, engine, arena regions."""
+        done = sum(n == 0 for n in self.pending)
+        engine = "an engine claimed it" if self.destination_of is not None else "unclaimed"
+        held = sum(len(buf) for chunks in self.held.values() for _, buf in chunks)
+        return (
+            f"{done}/{len(self.layers)} layers complete, {engine}, {len(self.regions)} "
+            f"arena regions, {held / (1 << 20):.1f} MiB in daemon memory"
+        )
 
     def delivery_digest(self) -> int:
         """The digest the engine gets: over every chunk's checksum as delivered."""

@@ -155,6 +155,24 @@ class Metrics:
             "dropped, acknowledged",
             registry=r,
         )
+        self.transfers_held = Counter(
+            "kvship_transfers_held",
+            "Outgoing transfers paused by their receiver's HOLD (its staging full of them, no "
+            "engine claimed them there yet; the link's other transfers go on)",
+            registry=r,
+        )
+        self.holds_sent = Counter(
+            "kvship_holds_sent",
+            "HOLDs sent to senders: an unclaimed transfer paused so that a claimed one's "
+            "connections keep their credit while staging is full",
+            registry=r,
+        )
+        self.receive_stalls = Counter(
+            "kvship_receive_stalls",
+            "Incoming transfers that moved nothing for stall_report_s while this daemon "
+            "withheld credit (staging full): each is logged with what it holds",
+            registry=r,
+        )
         self.control_refused = Counter(
             "kvship_control_refused",
             "Control-plane changes refused: not from loopback and without the bearer token",

@@ -33,6 +33,7 @@ from ..protocol import (
     End,
     ErrorCode,
     Have,
+    Hold,
     LocalProtocolError,
     Open,
     Resume,
@@ -124,6 +125,10 @@ class OutgoingTransfer:
         self.resuming: asyncio.Future[Resume] | None = None  # the receiver's RESUME
         self.resumes = 0
         self.acked_any = False  # an ACK came: the receiver holds part of it
+        # HOLD (SPEC §7.8, CAP_HOLD): the receiver's staging is full of this transfer and
+        # nobody there claimed it yet; its stripes wait, the link's other transfers go on.
+        self.go = asyncio.Event()
+        self.go.set()
         self.restart = False  # the receiver did not know it: re-open it as new
         self.unknown_aborts = 0  # ABORT(UNKNOWN_TRANSFER) answers to resuming OPENs
         self.done: asyncio.Future[TransferState] = asyncio.get_running_loop().create_future()
@@ -328,6 +333,8 @@ class OutgoingTransfer:
         if meta.chunk_index in self.skip:  # the receiver holds it already
             release()
             return True
+        if not self.go.is_set():
+            await self.go.wait()
         # Not verified here: the receiving daemon checks every chunk, and a corrupt
         # one fails only its transfer there (SPEC §7.4), so a corrupt engine costs
         # its own transfer, never the link.
@@ -377,6 +384,13 @@ class OutgoingTransfer:
                 # The ACK overtook send_chunk's wait for the write buffer to drain (TLS
                 # buffers more): free it as soon as that returns, not never.
                 self.acked_early.add(index)
+
+    def on_hold(self, frame: Hold) -> None:
+        if frame.hold:
+            self.go.clear()
+            self.ctx.metrics.transfers_held.inc()
+        else:
+            self.go.set()
 
     def on_resume(self, frame: Resume) -> None:
         if self.resuming is not None and not self.resuming.done():
@@ -508,6 +522,7 @@ class OutgoingTransfer:
                 pending.append(item)
                 resent += 1
         self.ctx.metrics.chunks_resent.inc(resent)
+        self.go.set()  # a HOLD ended with its link: the receiver says so again if it must
         self.n_stripes = n_stripes
         self.queues = [asyncio.Queue() for _ in range(n_stripes)]
         self.sent_on_stripe = [0] * n_stripes

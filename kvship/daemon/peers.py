@@ -19,6 +19,7 @@ from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_HOLD,
     CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_STRIPING,
@@ -31,6 +32,7 @@ from ..protocol import (
     GoAway,
     Have,
     Hello,
+    Hold,
     Ping,
     Pong,
     ProtocolError,
@@ -62,6 +64,8 @@ class LinkTransfer(Protocol):
     def on_ack(self, frame: Ack) -> None: ...
 
     def on_resume(self, frame: Resume) -> None: ...
+
+    def on_hold(self, frame: Hold) -> None: ...
 
     def on_link_lost(self, reason: str) -> bool:
         """The link died: resume on a new one (True), or not resumable (False)."""
@@ -189,7 +193,7 @@ class PeerLink:
 
     async def connect(self) -> None:
         cfg = self.settings
-        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK
+        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK | CAP_HOLD
         hello = Hello(ROLE_PEER, cfg.node_name, capabilities=caps)
         try:
             self.conns = list(
@@ -324,7 +328,7 @@ class PeerLink:
         self.figures.add(payload, wire)
 
     def _on_frame(self, conn: FramedProtocol, frame: Frame) -> None:
-        if isinstance(frame, Complete | Abort | Have | Ack | Resume):
+        if isinstance(frame, Complete | Abort | Have | Ack | Resume | Hold):
             transfer = self.transfers.get(frame.transfer_id)
             if transfer is None:
                 return  # ended meanwhile: its late answers are dropped
@@ -336,6 +340,8 @@ class PeerLink:
                 transfer.on_have(frame)
             elif isinstance(frame, Ack):
                 transfer.on_ack(frame)
+            elif isinstance(frame, Hold):
+                transfer.on_hold(frame)
             else:
                 transfer.on_resume(frame)
         elif isinstance(frame, Ping):

@@ -121,6 +121,22 @@ class TransferRegistry:
             self.metrics.in_flight.labels(direction).inc(delta)
 
     # ------------------------------------------------------------ queries
+    def finishing(self) -> tuple[IncomingTransfer | None, set[object]]:
+        """The transfer an engine has waited for longest that still lacks chunks (arrival
+        order), and the peer connections carrying the missing chunks of its first
+        incomplete layer: the staging budget never starves them
+        (:mod:`kvship.daemon.budget`)."""
+        for transfer in self.incoming.values():  # a dict keeps arrival order
+            conns = transfer.finishing_connections()
+            if conns:
+                return transfer, conns
+        return None, set()
+
+    def resume_paused_senders(self) -> None:
+        """Staging has room again: every transfer paused by HOLD may go on (§7.8)."""
+        for transfer in list(self.incoming.values()):
+            transfer.resume_sender()
+
     def running(self) -> bool:
         """Whether any transfer still moves bytes (what a drain waits for)."""
         return bool(self.outgoing) or any(
@@ -138,6 +154,22 @@ class TransferRegistry:
                 transfer.fail(ErrorCode.TIMEOUT, f"unclaimed or stalled for {idle:.0f} s")
                 reaped.append(transfer)
         return reaped
+
+    def newly_stalled(self, after_s: float, now: float | None = None) -> list[IncomingTransfer]:
+        """Arriving transfers that moved nothing for ``after_s`` with their connections up,
+        each returned once (the daemon reports them; the reaper still decides)."""
+        now = time.monotonic() if now is None else now
+        stalled = []
+        for transfer in self.incoming.values():
+            if (
+                transfer.state is TransferState.OPEN
+                and not transfer.suspended
+                and not transfer.stall_reported
+                and now - transfer.last_activity > after_s
+            ):
+                transfer.stall_reported = True
+                stalled.append(transfer)
+        return stalled
 
     def reap_suspended(self, resume_timeout_s: float, now: float | None = None) -> None:
         """Fail incoming transfers whose sender lost every connection and did not resume

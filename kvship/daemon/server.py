@@ -24,6 +24,7 @@ from ..aio.lag import LoopLag
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_HOLD,
     CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_SHM,
@@ -56,7 +57,8 @@ from .stores import StoreSet
 
 log = logging.getLogger("kvship.daemon")
 
-PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK
+PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK | CAP_HOLD
+STALL_REPORT_S = 10.0  # an arriving transfer idle this long while credit is held back
 
 
 class Daemon:
@@ -74,7 +76,12 @@ class Daemon:
             initial_window=config.window_bytes,
         )
         self.registry = TransferRegistry(metrics)
-        self.budget = StagingBudget(config.staging_bytes, metrics.staged_bytes)
+        self.budget = StagingBudget(
+            config.staging_bytes,
+            metrics.staged_bytes,
+            finishing=self.registry.finishing,
+            on_room=self.registry.resume_paused_senders,
+        )
         self.stores = StoreSet(config.store_bytes)
         self.trust = trust = load_trust(config)
         self.links = LinkPool(
@@ -278,6 +285,28 @@ class Daemon:
             await asyncio.sleep(min(1.0, self.config.retention_s / 4))
             self.registry.reap(self.config.retention_s)
             self.registry.reap_suspended(self.config.resume_timeout_s)
+            self._report_stalls()
+
+    def _report_stalls(self) -> None:
+        """A transfer that moves nothing while this daemon holds credit back is a stall
+        its engine would only see as a timeout: say so, with what is held."""
+        budget = self.budget
+        if not budget.deferred_bytes:
+            return  # nothing withheld: a slow sender, not a stall of this daemon
+        for transfer in self.registry.newly_stalled(STALL_REPORT_S):
+            self.metrics.receive_stalls.inc()
+            log.warning(
+                "incoming transfer %s from %s moved nothing for %.0f s while credit is held "
+                "back: %s; staging %.1f of %.1f MiB, %.1f MiB of credit deferred",
+                transfer.request_id,
+                transfer.record.peer,
+                STALL_REPORT_S,
+                transfer.progress(),
+                budget.staged / (1 << 20),
+                budget.limit / (1 << 20),
+                budget.deferred_bytes / (1 << 20),
+                extra=transfer.log_fields(cause=f"stall {transfer.record.peer}"),
+            )
 
     # ---------------------------------------------------------- control plane
     def health(self) -> dict[str, Any]:

@@ -37,8 +37,16 @@ CAP_DEDUP = 1 << 3  # OPEN may carry a dedup manifest; the receiver answers HAVE
 CAP_AUTH = 1 << 4  # the handshake authenticated both ends by a pre-shared key (§6.4)
 CAP_RESUME = 1 << 5  # per-chunk ACK; a transfer survives its connections (RESUME, §7.7)
 CAP_OPEN_CHECK = 1 << 6  # END carries a check of its stripe's OPEN body (§7.4)
+CAP_HOLD = 1 << 7  # the receiver may pause one transfer's chunks (HOLD, §7.8)
 KNOWN_CAPS = (
-    CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_AUTH | CAP_RESUME | CAP_OPEN_CHECK
+    CAP_SHM
+    | CAP_STRIPING
+    | CAP_CODECS
+    | CAP_DEDUP
+    | CAP_AUTH
+    | CAP_RESUME
+    | CAP_OPEN_CHECK
+    | CAP_HOLD
 )
 
 
@@ -66,6 +74,7 @@ class FrameType:
     SHM_CHUNK = 0x23
     LAYER_READY = 0x24
     RELEASE = 0x25
+    HOLD = 0x26  # receiver: stop (or go on) sending one transfer's chunks (CAP_HOLD, §7.8)
 
 
 FRAME_NAMES: dict[int, str] = {

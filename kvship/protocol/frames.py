@@ -26,6 +26,7 @@ from .constants import (  # noqa: F401 - importable from here as before (tests, 
     CAP_AUTH,
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_HOLD,
     CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_SHM,
@@ -63,6 +64,7 @@ from .peer_frames import (
     Have,
     Hello,
     HelloAck,
+    Hold,
     Ping,
     Pong,
     ReceivedChunk,
@@ -82,6 +84,7 @@ Frame = (
     | Pong
     | GoAway
     | Have
+    | Hold
     | Subscribe
     | ShmAttach
     | ShmAttached
@@ -108,6 +111,7 @@ DECODERS: dict[int, Callable[[memoryview], Frame]] = {
         Pong,
         GoAway,
         Have,
+        Hold,
         Subscribe,
         ShmAttach,
         ShmAttached,
@@ -126,6 +130,7 @@ __all__ = [
     "CAP_AUTH",
     "CAP_CODECS",
     "CAP_DEDUP",
+    "CAP_HOLD",
     "CAP_OPEN_CHECK",
     "CAP_RESUME",
     "CAP_SHM",
@@ -157,6 +162,7 @@ __all__ = [
     "Have",
     "Hello",
     "HelloAck",
+    "Hold",
     "LayerReady",
     "LayerSpec",
     "Open",

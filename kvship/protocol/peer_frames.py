@@ -280,3 +280,26 @@ class Have(FixedFrame):
         if fields["states"] > 1:
             raise malformed("HAVE states flag is not 0 or 1")
         return cls(fields["transfer_id"], fields["blocks"], bool(fields["states"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Hold(FixedFrame):
+    """Receiver -> sender: stop sending chunks of this transfer (``hold``) or go on.
+
+    Credit is per connection and every transfer of a link shares its connections, so
+    withheld credit stops them all; HOLD lets a receiver whose staging is full stop the
+    one transfer that is filling it (nobody claimed it yet) while it grants the credit a
+    transfer an engine waits for needs (SPEC §7.8)."""
+
+    TYPE: ClassVar[int] = FrameType.HOLD
+    NAME: ClassVar[str] = "HOLD"
+    FIXED: ClassVar[struct.Struct] = struct.Struct(">QB3x")
+    FIELDS: ClassVar[tuple[str | None, ...]] = ("transfer_id", "hold")
+    transfer_id: int
+    hold: bool = True
+
+    @classmethod
+    def build(cls, fields: dict[str, Any]) -> Hold:
+        if fields["hold"] > 1:
+            raise malformed("HOLD hold flag is not 0 or 1")
+        return cls(fields["transfer_id"], bool(fields["hold"]))

@@ -7,7 +7,7 @@ or ENGINE) and from who connected:
 side                      HELLO role, end     sends
 ========================= =================== ===============================================
 ``Side.PEER_INITIATOR``   PEER, initiator     transfers: OPEN, CHUNK, END (the sending daemon)
-``Side.PEER_ACCEPTOR``    PEER, acceptor      their answers: COMPLETE, HAVE (receiving daemon)
+``Side.PEER_ACCEPTOR``    PEER, acceptor      their answers: COMPLETE, HAVE, ACK, RESUME, HOLD
 ``Side.ENGINE``           ENGINE, initiator   puts (OPEN, CHUNK / SHM_CHUNK, END), SUBSCRIBE,
                                               SHM_ATTACH, RELEASE (a kvship.Client)
 ``Side.DAEMON``           ENGINE, acceptor    deliveries (OPEN, CHUNK, LAYER_READY, END),
@@ -24,7 +24,15 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .constants import CAP_DEDUP, CAP_RESUME, CAP_SHM, ROLE_ENGINE, ROLE_PEER, FrameType
+from .constants import (
+    CAP_DEDUP,
+    CAP_HOLD,
+    CAP_RESUME,
+    CAP_SHM,
+    ROLE_ENGINE,
+    ROLE_PEER,
+    FrameType,
+)
 
 
 class Role(Enum):
@@ -86,7 +94,7 @@ MAY_SEND: dict[Side, frozenset[int]] = {
     Side.PEER_INITIATOR: _ANYONE | {T.HELLO, T.AUTH_PROOF, T.OPEN, T.CHUNK, T.END},
     Side.PEER_ACCEPTOR: _ANYONE
     | {T.HELLO_ACK, T.AUTH_CHALLENGE, T.COMPLETE, T.HAVE}
-    | {T.ACK, T.RESUME},
+    | {T.ACK, T.RESUME, T.HOLD},
     Side.ENGINE: _ANYONE
     | {T.HELLO, T.AUTH_PROOF, T.OPEN, T.CHUNK, T.END}
     | {T.SUBSCRIBE, T.SHM_ATTACH, T.SHM_CHUNK, T.RELEASE},
@@ -100,6 +108,7 @@ NEEDS_CAP: dict[int, int] = {
     T.HAVE: CAP_DEDUP,
     T.ACK: CAP_RESUME,
     T.RESUME: CAP_RESUME,
+    T.HOLD: CAP_HOLD,
     T.SHM_ATTACH: CAP_SHM,
     T.SHM_ATTACHED: CAP_SHM,
     T.SHM_CHUNK: CAP_SHM,
