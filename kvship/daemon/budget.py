@@ -13,16 +13,20 @@ that would complete one wait for credit. Hence the *finishing* rule, for the tra
 engine has waited for longest and the connections carrying the missing chunks of its
 first incomplete layer (``finishing``, from the registry):
 
-- a chunk arriving on one of those connections gets its credit back: one of that layer
-  (each stripe sends in order), or one of another transfer, which is then paused at its
-  sender (HOLD, SPEC §7.8: ``owner.pause_sender``) until there is room again or its engine
-  claims it;
+- a chunk of another transfer arriving on one of those connections gets its credit back,
+  and that transfer is paused at its sender (HOLD, SPEC §7.8: ``owner.pause_sender``)
+  until there is room again or its engine claims it;
+- a chunk of that layer (each stripe sends in order) that had to go to daemon memory gets
+  its credit back when none of the transfer's layers can be handed over meanwhile
+  (``needs_memory_to_finish``; a resumed transfer, say, lands in memory only); otherwise
+  its engine's reading frees the room it waits for;
 - withheld credit of those connections is granted (``reconsider``) when an engine claims a
   transfer, a layer completes or memory is freed.
 
 So staging overshoots its bound by at most what was in flight when it filled (a window per
-connection) and what a HOLD overtakes (another). Without ``CAP_HOLD`` on the link the
-second point cannot apply, and credit is withheld as before.
+connection), what a HOLD overtakes (another), and the rest of one layer (never above
+``staging_bytes``: larger layers are refused at OPEN). Without ``CAP_HOLD`` on the link
+the second point cannot apply, and credit is withheld as before.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ class Owner(Protocol):
     def pause_sender(self, conn: Any) -> bool:
         """Ask the sender to stop sending this transfer, on the peer connection ``conn``
         (True if it is paused now)."""
+        ...
+
+    def needs_memory_to_finish(self) -> bool:
+        """None of its layers can be handed to its engine now: only memory lets it finish
+        one (else its engine's reading frees room, and its chunks may wait for it)."""
         ...
 
 
@@ -90,11 +99,19 @@ class StagingBudget:
         if self.staged <= self.limit and not self._deferred:
             conn.grant(credit)
             return
-        transfer, conns = self._finishing()
-        if owner is not None and conn in conns and (owner is transfer or owner.pause_sender(conn)):
+        if owner is not None and self._finishes(owner, conn):
             conn.grant(credit)
         else:
             self._deferred.append((conn, credit))
+
+    def _finishes(self, owner: Owner, conn: Grantor) -> bool:
+        """Past the bound: does this chunk's credit go back at once (the finishing rule)?"""
+        transfer, conns = self._finishing()
+        if conn not in conns:
+            return False
+        if owner is transfer:
+            return owner.needs_memory_to_finish()
+        return owner.pause_sender(conn)
 
     def unhold(self, nbytes: int) -> None:
         self.staged -= nbytes

@@ -94,8 +94,10 @@ class Config:
     staging_bytes: int = _key(
         64 * MIB,
         "Received KV held in daemon memory (all transfers) when no engine arena can take it; "
-        "past it senders get no credit. At least window_bytes, and at least the largest layer a "
-        "peer sends (an OPEN with a larger layer is refused: TRANSFER_TOO_LARGE).",
+        "past it senders get no credit, except what finishes the layer an engine waits for "
+        "(then the transfer filling it is paused: HOLD). At least window_bytes, and at least "
+        "the largest layer a peer sends (an OPEN with a larger layer is refused: "
+        "TRANSFER_TOO_LARGE).",
     )
     subscribe_timeout_s: float = _key(30.0, "Default wait of an engine's receive() for a transfer.")
     retention_s: float = _key(

@@ -494,6 +494,11 @@ class IncomingTransfer:
             self.ctx.metrics.holds_sent.inc()
         return self.sender_paused
 
+    def needs_memory_to_finish(self) -> bool:
+        """No layer of it waits to be handed over: a delivery frees nothing until one
+        completes, so its next chunks may go past the staging bound (the budget's rule)."""
+        return not self.ready
+
     def resume_sender(self) -> None:
         """Tell a paused sender to go on (room again, or an engine claimed it)."""
         if not self.sender_paused or self.state is not TransferState.OPEN:
