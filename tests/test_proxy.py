@@ -134,7 +134,11 @@ def test_settings_are_checked_before_anything_starts() -> None:
 
     ok = settings("--layout", "dense-gqa-8b", "--egress-cap", "10gbit")
     assert ok.egress_cap_Bps == 1.25e9 and ok.layout is not None
-    assert ok.router().kv_bytes(10) == 10 * ok.layout.kv_bytes_per_token
+    # Whole pages travel (the partial last one at full size): 10 tokens cost a page.
+    page = ok.layout.block_tokens * ok.layout.kv_bytes_per_token
+    assert ok.router().kv_bytes(10) == ok.router().kv_bytes(1) == page
+    assert ok.router().kv_bytes(ok.layout.block_tokens + 1) == 2 * page
+    assert ok.router().kv_bytes(0) == 0
     assert settings("--max-link-wait-s", "0").max_link_wait_s is None
     with pytest.raises(ValueError, match="threshold-tokens"):
         settings("--threshold-tokens", "0")

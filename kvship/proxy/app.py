@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
@@ -70,13 +71,23 @@ class ProxySettings:
     upstream_timeout_s: float = 600.0
 
     def router(self) -> Router:
-        kv = self.layout.kv_bytes_per_token if self.layout is not None else None
         return Router(
             self.threshold_tokens,
             egress_cap_Bps=self.egress_cap_Bps,
-            kv_bytes=kv,
+            kv_bytes=self.shipped_kv_bytes if self.layout is not None else None,
             max_link_wait_s=self.max_link_wait_s,
         )
+
+    def shipped_kv_bytes(self, tokens: float) -> float:
+        """The KV bytes a transfer of ``tokens`` new tokens puts on the link: whole pages,
+        the partial last one at full size (SPEC §7.6.2; the cached prefix is whole pages), and
+        the fixed states. Counting tokens alone under-counts by up to a page, which let a
+        request through the link budget that then waited past it."""
+        assert self.layout is not None
+        if not self.layout.full_layers:
+            return float(self.layout.bytes_for(0))
+        block = self.layout.block_tokens
+        return float(self.layout.bytes_for(math.ceil(tokens / block) * block))
 
 
 @dataclass
