@@ -257,7 +257,8 @@ def test_a_save_whose_layers_never_come_times_out(pair: tuple[DaemonProcess, ...
 def test_geometry_checks_and_chunks_of_whole_pages() -> None:
     assert GEOMETRY.page_bytes == HEADS * BLOCK * 2 * DIM * 4
     assert GEOMETRY.chunk_bytes() % GEOMETRY.page_bytes == 0
-    assert GEOMETRY.chunk_bytes() <= 256 * 1024
+    assert GEOMETRY.chunk_bytes() <= 4 << 20 < GEOMETRY.chunk_bytes() + GEOMETRY.page_bytes
+    assert GEOMETRY.chunk_bytes(1) == GEOMETRY.page_bytes  # at least one page
     assert GEOMETRY.pages_for(BLOCK) == 1 and GEOMETRY.pages_for(BLOCK + 1) == 2
     assert GEOMETRY.model.block_tokens == BLOCK
     assert GEOMETRY.mismatch(GEOMETRY.layout(40), 40) is None

@@ -70,6 +70,7 @@ async def _ship(
         "skipped_bytes": int(record["skipped_bytes"]),
         "seconds": seconds,
         "digest_match": exact,
+        "chunk_bytes": sender.chunk_bytes,
     }
 
 
@@ -121,6 +122,7 @@ async def _run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "model": opts.model,
                     "tokens": opts.tokens,
                     "shared_fraction": opts.shared_fraction,
+                    "chunk_bytes": two["chunk_bytes"],
                     "first_wire_bytes": one["wire_bytes"],
                     "second_wire_bytes": two["wire_bytes"],
                     "second_vs_first": round(two["wire_bytes"] / one["wire_bytes"], 4),

@@ -22,7 +22,6 @@ from .sender import Sender, SendResult
 
 MIB = 1024 * 1024
 PRIORITIES = {"bulk": 0, "latency": 1}  # OPEN.priority
-DEDUP_CHUNK_BLOCKS = 4
 CLOSE_WAIT = 2.0  # seconds aclose() waits for its sockets to be closed
 
 
@@ -324,9 +323,10 @@ class Client:
                     if isinstance(kind, FullAttention)
                 )
             )
-            # Dedup skips whole chunks: at most DEDUP_CHUNK_BLOCKS blocks per chunk, so the
-            # chunk that straddles the held prefix wastes little.
-            chunk_bytes = min(chunk_bytes, max(multiple, DEDUP_CHUNK_BLOCKS * multiple))
+            # Whole blocks per chunk (SPEC §7.6.2), as many as fit: the chunk straddling
+            # the held prefix travels as its tail only (CAP_DEDUP_TAIL), so large chunks
+            # cost no dedup savings (a link without it sends that chunk whole).
+            chunk_bytes = max(multiple, chunk_bytes // multiple * multiple)
         conn = await self._connect("send", max(self.chunk_bytes, self.arena_bytes))
         try:
             return Sender(

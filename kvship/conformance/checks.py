@@ -542,7 +542,7 @@ async def _version_range(ctx: Ctx) -> str:
 
 @check("handshake.unknown_capabilities_masked", "§6.3 §13")
 async def _unknown_caps(ctx: Ctx) -> str:
-    """Every bit offered: unknown bits (7-63) are masked off, never an error; CAP_AUTH is
+    """Every bit offered: unknown bits (9-63) are masked off, never an error; CAP_AUTH is
     never granted without the pre-shared-key exchange (§6.4)."""
     link = await ctx.hello(2**64 - 1)
     caps = link.limits["capabilities"]
@@ -1472,9 +1472,12 @@ DEDUP_MODEL: Fields = {
 }  # fmt: skip
 
 
-def dedup_transfer(keys: Callable[[list[bytes]], list[bytes]] | None = None) -> Transfer:
+def dedup_transfer(
+    keys: Callable[[list[bytes]], list[bytes]] | None = None, chunk_blocks: int = 1
+) -> Transfer:
     """A transfer of DEDUP_MODEL for 40 fresh random tokens (2 full blocks + a tail), with
-    its manifest (``keys`` may tamper with the key list)."""
+    its manifest (``keys`` may tamper with the key list), in chunks of ``chunk_blocks``
+    blocks."""
     tokens = [secrets.randbits(32) for _ in range(40)]
     block_keys = payload.block_keys(DEDUP_MODEL, 0, tokens)
     if keys is not None:
@@ -1484,7 +1487,7 @@ def dedup_transfer(keys: Callable[[list[bytes]], list[bytes]] | None = None) -> 
     bb = payload.block_bytes(payload.expand_layers(DEDUP_MODEL)[0])
     extra = {"dedup": payload.manifest(DEDUP_MODEL, 0, block_keys)}
     layers = [bf16_like(n, rng) for n in sizes]
-    return Transfer(layers, bb, dtype="bfloat16", token_ids=tokens, extra=extra)
+    return Transfer(layers, chunk_blocks * bb, dtype="bfloat16", token_ids=tokens, extra=extra)
 
 
 @check("dedup.have", "§7.6", "peer")
@@ -2091,6 +2094,94 @@ async def _dedup_roundtrip(ctx: Ctx) -> str:
     # its sender may simply have stopped waiting for HAVE).
     refused = await expect_error(peer, third.tid, "PROTOCOL_ERROR")
     return f"HAVE(2, 1), {complete}, delivered from the store ({summary}); skipped chunk: {refused}"
+
+
+def tail_cuts(t: Transfer, model: Fields, blocks: int) -> dict[int, int]:
+    """§7.6.5 "tail": chunk index -> held bytes at its start, after HAVE(blocks)."""
+    starts = wire.chunk_table([len(x) for x in t.data], t.chunk_size)
+    cuts: dict[int, int] = {}
+    for i, layer in enumerate(payload.expand_layers(model)):
+        if layer["kind"] != "full":
+            continue
+        held = blocks * payload.block_bytes(layer)
+        for index in range(starts[i], starts[i + 1]):
+            _, _, off, n = t.places[index]
+            if off < held < off + n:
+                cuts[index] = held - off
+    return cuts
+
+
+def tail_frame(t: Transfer, index: int, cut: int) -> bytes:
+    """CHUNK ``index`` from byte ``cut`` on, under its tail's own checksum."""
+    data = t.raw(index)[cut:]
+    _, _, off, _ = t.places[index]
+    meta = t.meta(index, offset=off + cut, raw_length=len(data), checksum=wire.checksum(data))
+    return wire.encode("CHUNK", {"meta": meta, "data": data})
+
+
+@check("roundtrip.dedup_tail", "§7.6.5 §8 §9.3", "engine", slow=3.0)
+async def _dedup_tail_roundtrip(ctx: Ctx) -> str:
+    """With CAP_DEDUP_TAIL, chunks of 3 blocks and 2 blocks held: each full layer's chunk
+    travels from its third block on (its tail, under the tail's checksum; digest slot the
+    same), the linear state not at all, and the engine gets the whole layers with the real
+    checksums' digest; a whole chunk where HAVE made a tail fails that transfer
+    (PROTOCOL_ERROR), and the connection still serves."""
+    if not ctx.target.peer:
+        raise CheckSkipped("needs --peer of the same daemon")
+    first = dedup_transfer(chunk_blocks=3)
+    peer = await ctx.peer(wire.BASE_CAPS | wire.CAP_DEDUP_TAIL)
+    need(peer, wire.CAP_DEDUP, "CAP_DEDUP")
+    need(peer, wire.CAP_DEDUP_TAIL, "CAP_DEDUP_TAIL")
+    engine, arena = await _subscribe(ctx, first)
+    await _send_dedup(peer, first)
+    _, problems = await _receive(ctx, engine, first, arena)
+    if problems:
+        raise CheckFailed("first delivery: " + "; ".join(problems))
+    second = first.again()
+    model = second.extra["dedup"]["model"]
+    engine, arena = await _subscribe(ctx, second)
+    await peer.send(second.open())
+    frame = await expect_frame(peer, lambda f: f.name in ("HAVE", "ABORT"), "HAVE")
+    if frame.name != "HAVE" or frame.fields["blocks"] != 2:
+        raise CheckFailed(f"second transfer: {frame.describe()}, expected HAVE(2, 1)")
+    skip = skipped_chunks(second, model, 2, frame.fields["states"])
+    cuts = tail_cuts(second, model, 2)
+    if not cuts:
+        raise CheckFailed("the kit's transfer has no chunk straddling 2 blocks")
+    sums = list(second.checksums)
+    sent = 0
+    for index in range(second.n_chunks):
+        if index in skip:
+            sums[index] = 0
+            continue
+        frame_bytes = (
+            tail_frame(second, index, cuts[index]) if index in cuts else second.chunk(index)
+        )
+        w = len(frame_bytes) - wire.HEADER_SIZE - wire.CHUNK_META_SIZE
+        if not await peer.wait_credit(w):
+            raise CheckFailed(f"no CREDIT for a {w} B chunk")
+        peer.credit -= w
+        await peer.send(frame_bytes)
+        if index in cuts:
+            sums[index] = wire.checksum(second.raw(index)[cuts[index] :])
+        sent += 1
+    digest = wire.digest(sums)
+    await peer.send(second.end(chunks_on_stripe=sent, digest=digest))
+    complete = await expect_complete(peer, second, digest)
+    summary, problems = await _receive(ctx, engine, second, arena)
+    if problems:
+        raise CheckFailed("second delivery: " + "; ".join(problems))
+    third = first.again()
+    await peer.send(third.open())
+    await expect_frame(peer, lambda f: f.name == "HAVE", "HAVE")
+    whole = min(cuts)
+    await push(peer, third, [whole])  # whole, where HAVE made it a tail
+    refused = await expect_error(peer, third.tid, "PROTOCOL_ERROR")
+    await expect_alive(peer)
+    return (
+        f"{len(cuts)} tails, {complete}, delivered ({summary}); a whole chunk for a tail: "
+        f"{refused}, connection kept"
+    )
 
 
 # ======================================================================== liveness §12

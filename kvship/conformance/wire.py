@@ -46,6 +46,7 @@ CAP_AUTH = 0x10  # granted only after the pre-shared-key exchange (§6.4)
 CAP_RESUME = 0x20  # ACK / RESUME, OPEN's resume flag (§7.7)
 CAP_OPEN_CHECK = 0x40  # END's open_check (§7.4)
 CAP_HOLD = 0x80  # HOLD pauses one transfer's chunks (§7.8)
+CAP_DEDUP_TAIL = 0x100  # the chunk straddling a held prefix travels as its tail (§7.6.5)
 KNOWN_CAPS = (
     CAP_SHM
     | CAP_STRIPING
@@ -55,6 +56,7 @@ KNOWN_CAPS = (
     | CAP_RESUME
     | CAP_OPEN_CHECK
     | CAP_HOLD
+    | CAP_DEDUP_TAIL
 )
 # What the kit's checks offer unless they test one of the others on purpose.
 BASE_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from ..layout.dedup import DedupError, Manifest, skipped_chunks
+from ..layout.dedup import DedupError, Manifest, skipped_chunks, tail_cuts
 from ..layout.model import FullAttention
 from ..layout.prefix import first_mismatch, full_prefix_key
 from ..protocol import LayerSpec
@@ -62,6 +62,7 @@ class HeldPrefix:
     states: bool  # the exact linear states are held too
     skip: dict[int, list[int]]  # layer -> chunk indices not sent
     chunk_size: int
+    tails: dict[int, int]  # chunk index -> held bytes at its start (CAP_DEDUP_TAIL)
     released: bool = False
 
     @classmethod
@@ -71,9 +72,11 @@ class HeldPrefix:
         verified: VerifiedManifest,
         layers: tuple[LayerSpec, ...],
         chunk_size: int,
+        tails: bool = False,
     ) -> HeldPrefix:
         """Find and pin what ``store`` holds of a verified manifest's prefix (cheap: set
-        walks, on the event loop, where the store lives)."""
+        walks, on the event loop, where the store lives). ``tails``: the link has
+        ``CAP_DEDUP_TAIL``, so the chunk straddling the prefix comes as its tail."""
         manifest, state_key = verified.manifest, verified.state_key
         layout, keys = manifest.layout, manifest.keys
         held = store.match_prefix(keys)
@@ -84,13 +87,21 @@ class HeldPrefix:
         if states:
             store.pin([state_key])
         skip = skipped_chunks(layout, layers, chunk_size, held, states)
-        return cls(store, manifest, held, state_key, states, skip, chunk_size)
+        cuts = tail_cuts(layout, layers, chunk_size, held) if tails else {}
+        return cls(store, manifest, held, state_key, states, skip, chunk_size, cuts)
 
-    def prefix_bytes(self, layer: int) -> int:
+    def tail_of(self, layer: int, first: int) -> int | None:
+        """The index of ``layer``'s tail chunk (its chunks start at ``first``), if any."""
+        index = first + len(self.skip.get(layer, ()))
+        return index if index in self.tails else None
+
+    def prefix_bytes(self, layer: int, first: int) -> int:
         """Bytes at the start of ``layer`` that come from the store, not the wire."""
-        return len(self.skip.get(layer, ())) * self.chunk_size
+        whole = len(self.skip.get(layer, ())) * self.chunk_size
+        tail = self.tail_of(layer, first)
+        return whole + (self.tails[tail] if tail is not None else 0)
 
-    async def restore(self, layer: int, view: memoryview) -> None:
+    async def restore(self, layer: int, first: int, view: memoryview) -> None:
         """Put the held prefix (or state) of ``layer`` into its buffer, then keep the
         layer's new full blocks (or its state) for the next request with this prefix.
 
@@ -98,10 +109,10 @@ class HeldPrefix:
         blocks): the work goes in slices, yielding to the loop between them."""
         kind = self.manifest.layout.layers[layer]
         if not isinstance(kind, FullAttention):
-            self._restore_state(layer, view)
+            self._restore_state(layer, first, view)
             return
         bb, keys = kind.block_bytes, self.manifest.keys
-        held = min(self.prefix_bytes(layer), len(view)) // bb
+        held = min(self.prefix_bytes(layer, first), len(view)) // bb
         for start in range(0, held, SLICE_BLOCKS):
             self._fill_blocks(layer, view, bb, range(start, min(held, start + SLICE_BLOCKS)))
             await asyncio.sleep(0)
@@ -128,8 +139,8 @@ class HeldPrefix:
             return False
         return True
 
-    def _restore_state(self, layer: int, view: memoryview) -> None:
-        if self.prefix_bytes(layer):
+    def _restore_state(self, layer: int, first: int, view: memoryview) -> None:
+        if self.prefix_bytes(layer, first):
             state = self.store.get_state(self.state_key, layer)
             if state is None:
                 raise StoreError(f"pinned state of layer {layer} is gone")

@@ -27,6 +27,7 @@ from typing import Protocol
 from ..aio import FramedProtocol, spawn
 from ..layout.dedup import DedupError, skipped_bytes
 from ..protocol import (
+    CAP_DEDUP_TAIL,
     CAP_HOLD,
     CAP_RESUME,
     CODEC_RAW,
@@ -219,7 +220,8 @@ class IncomingTransfer:
                 return
             manifest = verified.manifest
             store = self.ctx.stores.for_transfer(manifest.layout, manifest.tp_rank)
-            held = HeldPrefix.hold(store, verified, self.layers, opened.chunk_size)
+            tails = bool(conn.conn.negotiated.capabilities & CAP_DEDUP_TAIL)
+            held = HeldPrefix.hold(store, verified, self.layers, opened.chunk_size, tails)
         except (DedupError, StoreError) as exc:
             self.fail(ErrorCode.LAYOUT_MISMATCH, f"dedup manifest refused: {exc}")
             return
@@ -246,7 +248,9 @@ class IncomingTransfer:
             self.pending[layer] -= len(chunks)
             if self.pending[layer] == 0:
                 self.ready.append(layer)
-        self.record.skipped_bytes = skipped_bytes(self.layers, held.skip, held.chunk_size)
+        self.record.skipped_bytes = skipped_bytes(
+            self.layers, held.skip, held.chunk_size, held.tails
+        )
         self._have(conn, Have(self.id, held.blocks, held.states))
         self.changed.set()
         self._maybe_received()
@@ -306,6 +310,9 @@ class IncomingTransfer:
                 f"chunk {meta.chunk_index} arrived though HAVE declared it held (SPEC §7.6.5)",
             )
             return
+        if not self._placed_as_expected(meta):
+            conn.grant(len(data))
+            return
         if meta.codec != CODEC_RAW:
             self.decoding += 1
             spawn(self._decode(conn, meta, data), f"decode-{self.id:x}-{meta.chunk_index}")
@@ -314,6 +321,24 @@ class IncomingTransfer:
             self._corrupt(conn, meta, len(data))
             return
         self._accept(conn, meta, data, in_arena, len(data))
+
+    def _placed_as_expected(self, meta: ChunkMeta) -> bool:
+        """A chunk is whole unless HAVE made it the tail of a straddling chunk, which must
+        start exactly where the held prefix ends (SPEC §7.6.5). Else only this transfer is
+        wrong: it fails, the connection stays."""
+        index = meta.chunk_index
+        start = (index - self.starts[meta.layer]) * self.opened.chunk_size
+        held = self.held_prefix
+        cut = held.tails.get(index, 0) if held is not None else 0
+        if meta.offset == start + cut:
+            return True
+        want = f"its tail from {start + cut}" if cut else "whole"
+        self.fail(
+            ErrorCode.PROTOCOL_ERROR,
+            f"chunk {index} starts at {meta.offset} of its layer, HAVE made it {want} "
+            "(SPEC §7.6.5)",
+        )
+        return False
 
     def _corrupt(self, conn: FramedProtocol, meta: ChunkMeta, wire: int) -> None:
         """A chunk whose bytes do not match its checksum is never accepted. Without resume
@@ -551,9 +576,10 @@ class IncomingTransfer:
         held = self.held_prefix
         if held is None:
             return
-        await held.restore(layer, view)
         size, first, nbytes = self.opened.chunk_size, self.starts[layer], len(view)
-        for index in held.skip.get(layer, ()):
+        await held.restore(layer, first, view)
+        tail = held.tail_of(layer, first)
+        for index in [*held.skip.get(layer, ()), *([] if tail is None else [tail])]:
             offset = (index - first) * size
             chunk = view[offset : min(offset + size, nbytes)]
             self.filled_checksums[index] = chunk_checksum(chunk)

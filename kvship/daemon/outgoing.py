@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..aio import FramedProtocol, spawn
-from ..layout.dedup import DedupError, Manifest, skipped_bytes, skipped_chunks
+from ..layout.dedup import DedupError, Manifest, skipped_bytes, skipped_chunks, tail_cuts
 from ..protocol import (
     CAP_DEDUP,
+    CAP_DEDUP_TAIL,
     CAP_RESUME,
     CODEC_RAW,
     HEADER_SIZE,
@@ -112,7 +113,13 @@ class OutgoingTransfer:
         self.per_stripe = [0] * self.n_stripes
         self.sent_on_stripe = [0] * self.n_stripes
         self.skip: set[int] = set()  # chunks the receiver already holds (dedup)
-        self.have: asyncio.Future[Have] = asyncio.get_running_loop().create_future()
+        # CAP_DEDUP_TAIL: chunk -> bytes at its start the receiver holds; only the rest
+        # travels, under its own checksum (which END's digest needs: tails_ready).
+        self.tails: dict[int, int] = {}
+        self.tail_checksums: dict[int, int] = {}
+        self.tails_ready = asyncio.Event()
+        self.tails_ready.set()
+        self.have: asyncio.Future[tuple[Have, int]] = asyncio.get_running_loop().create_future()
         self.link: PeerLink | None = None
         self.tasks: list[asyncio.Task[None]] = []
         # Resume (SPEC §7.7, when the link has CAP_RESUME): a sent chunk's memory is held
@@ -198,10 +205,11 @@ class OutgoingTransfer:
 
     def _peer_digest(self) -> int:
         """The digest the receiver checks: skipped (deduplicated) chunks count as 0."""
-        if not self.skip:
+        if not self.skip and not self.tails:
             return self._digest()
+        tails = self.tail_checksums
         return digest_of_checksums(
-            [0 if i in self.skip else c for i, c in enumerate(self.checksums)]
+            [0 if i in self.skip else tails.get(i, c) for i, c in enumerate(self.checksums)]
         )
 
     async def _negotiate_dedup(self, conns: list[FramedProtocol]) -> None:
@@ -213,7 +221,7 @@ class OutgoingTransfer:
         asked = time.monotonic()
         try:
             plan = Manifest.from_extra(manifest)
-            have = await asyncio.wait_for(asyncio.shield(self.have), HAVE_TIMEOUT_S)
+            have, caps = await asyncio.wait_for(asyncio.shield(self.have), HAVE_TIMEOUT_S)
         except (DedupError, TimeoutError):
             return  # no dedup: everything travels
         self.ctx.metrics.have_rtt_seconds.observe(time.monotonic() - asked)
@@ -227,15 +235,45 @@ class OutgoingTransfer:
             plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks, have.states
         )
         self.skip = {i for chunks in skip.values() for i in chunks}
-        self.record.skipped_bytes = skipped_bytes(self.opened.layers, skip, self.opened.chunk_size)
+        if caps & CAP_DEDUP_TAIL:
+            self.tails = tail_cuts(
+                plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks
+            )
+            if self.tails:
+                self.tails_ready.clear()
+        self.record.skipped_bytes = skipped_bytes(
+            self.opened.layers, skip, self.opened.chunk_size, self.tails
+        )
+
+    def _tail(
+        self, meta: ChunkMeta, data: memoryview, cut: int
+    ) -> tuple[ChunkMeta, memoryview] | None:
+        """The part of a straddling chunk the receiver lacks, under its own checksum. The
+        whole chunk is checked against the engine's checksum first: the receiver can only
+        check the new one, so corrupt engine bytes must be caught here (None: failed)."""
+        if chunk_checksum(data) != meta.checksum:
+            self.fail(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"chunk {meta.chunk_index} does not match the engine's checksum",
+            )
+            return None
+        tail = data[cut:]
+        checksum = chunk_checksum(tail)
+        self.tail_checksums[meta.chunk_index] = checksum
+        if len(self.tail_checksums) == len(self.tails):
+            self.tails_ready.set()
+        meta = dataclasses.replace(
+            meta, offset=meta.offset + cut, raw_length=len(tail), checksum=checksum
+        )
+        return meta, tail
 
     @property
     def queued_chunks(self) -> int:
         return sum(q.qsize() for q in self.queues)
 
-    def on_have(self, frame: Have) -> None:
-        if not self.have.done():
-            self.have.set_result(frame)
+    def on_have(self, frame: Have, conn: FramedProtocol) -> None:
+        if not self.have.done():  # HAVE's connection says whether tails are in use
+            self.have.set_result((frame, conn.conn.negotiated.capabilities))
 
     # -------------------------------------------------------------- peer side
     async def _run(self) -> None:
@@ -301,6 +339,8 @@ class OutgoingTransfer:
             while True:
                 item = await queue.get()
                 if item is _END:
+                    if not self.tails_ready.is_set():  # END's digest has every tail's
+                        await self.tails_ready.wait()
                     try:
                         conn.send(End(self.id, self.sent_on_stripe[index], self._peer_digest()))
                     except ConnectionError as exc:  # a resume ENDs it again on the new link
@@ -333,6 +373,13 @@ class OutgoingTransfer:
         if meta.chunk_index in self.skip:  # the receiver holds it already
             release()
             return True
+        cut = self.tails.get(meta.chunk_index)
+        if cut is not None:
+            tail = self._tail(meta, data, cut)
+            if tail is None:
+                release()
+                return False
+            meta, data = tail
         if not self.go.is_set():
             await self.go.wait()
         # Not verified here: the receiving daemon checks every chunk, and a corrupt

@@ -19,6 +19,7 @@ from ..payload import CODEC_RAW, CODEC_ZSTD, choose_codec
 from ..protocol import (
     CAP_CODECS,
     CAP_DEDUP,
+    CAP_DEDUP_TAIL,
     CAP_HOLD,
     CAP_OPEN_CHECK,
     CAP_RESUME,
@@ -43,6 +44,11 @@ from .codecpool import CodecPool
 from .metrics import Metrics
 from .trust import PeerKeys
 
+# What this daemon offers on a peer connection, either end (the HELLO_ACK keeps the overlap).
+PEER_CAPS = (
+    CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK | CAP_HOLD | CAP_DEDUP_TAIL
+)
+
 log = logging.getLogger("kvship.peer")
 
 
@@ -59,7 +65,7 @@ class LinkTransfer(Protocol):
 
     def on_peer_abort(self, frame: Abort) -> None: ...
 
-    def on_have(self, frame: Have) -> None: ...
+    def on_have(self, frame: Have, conn: FramedProtocol) -> None: ...
 
     def on_ack(self, frame: Ack) -> None: ...
 
@@ -193,8 +199,7 @@ class PeerLink:
 
     async def connect(self) -> None:
         cfg = self.settings
-        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK | CAP_HOLD
-        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=caps)
+        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=PEER_CAPS)
         try:
             self.conns = list(
                 await asyncio.gather(
@@ -337,7 +342,7 @@ class PeerLink:
             elif isinstance(frame, Abort):
                 transfer.on_peer_abort(frame)
             elif isinstance(frame, Have):
-                transfer.on_have(frame)
+                transfer.on_have(frame, conn)
             elif isinstance(frame, Ack):
                 transfer.on_ack(frame)
             elif isinstance(frame, Hold):

@@ -22,13 +22,7 @@ from ..addresses import join_hostport, split_hostport
 from ..aio import FramedProtocol, spawn
 from ..aio.lag import LoopLag
 from ..protocol import (
-    CAP_CODECS,
-    CAP_DEDUP,
-    CAP_HOLD,
-    CAP_OPEN_CHECK,
-    CAP_RESUME,
     CAP_SHM,
-    CAP_STRIPING,
     ROLE_ENGINE,
     ROLE_PEER,
     AuthProof,
@@ -52,12 +46,12 @@ from .incoming import ReceiveContext
 from .links import LinkPool
 from .metrics import Metrics
 from .outgoing import OutgoingTransfer, SendContext
+from .peers import PEER_CAPS
 from .registry import TransferRegistry
 from .stores import StoreSet
 
 log = logging.getLogger("kvship.daemon")
 
-PEER_CAPS = CAP_STRIPING | CAP_CODECS | CAP_DEDUP | CAP_RESUME | CAP_OPEN_CHECK | CAP_HOLD
 STALL_REPORT_S = 10.0  # an arriving transfer idle this long while credit is held back
 
 

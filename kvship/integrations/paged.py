@@ -41,8 +41,10 @@ from ..protocol import LayerSpec
 log = logging.getLogger("kvship.integrations")
 
 MIB = 1024 * 1024
-CHUNK_TARGET = 256 * 1024  # chunks of whole pages, about this size: fine-grained dedup
 MAX_CHUNK = 4 * MIB
+# Chunks of whole pages, as large as kvship takes: the chunk straddling a held prefix
+# travels as its tail (SPEC §7.6.5), so large chunks cost dedup nothing.
+CHUNK_TARGET = MAX_CHUNK
 
 
 class LayoutMismatch(KvshipError):
@@ -96,8 +98,7 @@ class PagedGeometry:
         return (self.layer(n_tokens),) * self.n_layers
 
     def chunk_bytes(self, target: int = CHUNK_TARGET) -> int:
-        """Whole pages per chunk, about ``target`` bytes: dedup skips whole chunks, so small
-        chunks waste little at the end of a shared prefix."""
+        """Whole pages per chunk, at most ``target`` bytes (and at least one page)."""
         if self.page_bytes > MAX_CHUNK:
             raise ValueError(f"a page of {self.page_bytes} B exceeds kvship's largest chunk")
         pages = max(1, min(target, MAX_CHUNK) // self.page_bytes)
@@ -210,7 +211,7 @@ class PagedConfig:
     load_timeout_s: float = 30.0  # a whole load, from its start to its last page
     layer_timeout_s: float = 10.0  # the first layer, and each next one
     save_timeout_s: float = 60.0  # a whole save, from its open to the far daemon's ack
-    chunk_bytes: int | None = None  # default: whole pages, about 256 KiB
+    chunk_bytes: int | None = None  # default: whole pages, up to 4 MiB
     stats_path: str | None = None  # JSON lines, one per save / load / consumed request
 
     @classmethod

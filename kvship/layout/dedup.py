@@ -68,9 +68,16 @@ class Manifest:
                 raise DedupError(f"chunk_size {chunk_size} is not whole blocks of layer {i}")
 
 
-def skipped_bytes(layers: Sequence[LayerSpec], skip: dict[int, list[int]], chunk_size: int) -> int:
-    """Bytes the skipped chunks hold: whole chunks, except a linear layer's short last one."""
-    return sum(min(len(chunks) * chunk_size, layers[i].nbytes) for i, chunks in skip.items())
+def skipped_bytes(
+    layers: Sequence[LayerSpec],
+    skip: dict[int, list[int]],
+    chunk_size: int,
+    tails: dict[int, int] | None = None,
+) -> int:
+    """Bytes that do not travel: the skipped chunks (whole, except a linear layer's short
+    last one) and the held heads of the chunks sent as tails."""
+    whole = sum(min(len(chunks) * chunk_size, layers[i].nbytes) for i, chunks in skip.items())
+    return whole + sum((tails or {}).values())
 
 
 def skipped_chunks(
@@ -95,3 +102,28 @@ def skipped_chunks(
         if n:
             skip[i] = list(range(first, first + n))
     return skip
+
+
+def tail_cuts(
+    layout: ModelLayout,
+    layers: Sequence[LayerSpec],
+    chunk_size: int,
+    held_blocks: int,
+) -> dict[int, int]:
+    """With ``CAP_DEDUP_TAIL``: the chunk of each full-attention layer that straddles the
+    first ``held_blocks`` blocks travels as its tail only. Chunk index -> bytes at its start
+    the receiver fills from its store (0 < cut < the chunk's length; SPEC §7.6.5)."""
+    starts = chunk_table(tuple(layers), chunk_size)
+    cuts: dict[int, int] = {}
+    for i, kind in enumerate(layout.layers):
+        if not isinstance(kind, FullAttention):
+            continue
+        covered = held_blocks * kind.block_bytes
+        whole = covered // chunk_size
+        if starts[i] + whole >= starts[i + 1]:
+            continue  # every chunk of the layer is skipped whole
+        cut = covered - whole * chunk_size
+        length = min(chunk_size, layers[i].nbytes - whole * chunk_size)
+        if 0 < cut < length:
+            cuts[starts[i] + whole] = cut
+    return cuts

@@ -38,6 +38,7 @@ CAP_AUTH = 1 << 4  # the handshake authenticated both ends by a pre-shared key (
 CAP_RESUME = 1 << 5  # per-chunk ACK; a transfer survives its connections (RESUME, §7.7)
 CAP_OPEN_CHECK = 1 << 6  # END carries a check of its stripe's OPEN body (§7.4)
 CAP_HOLD = 1 << 7  # the receiver may pause one transfer's chunks (HOLD, §7.8)
+CAP_DEDUP_TAIL = 1 << 8  # dedup sends the chunk straddling the held prefix in part (§7.6.5)
 KNOWN_CAPS = (
     CAP_SHM
     | CAP_STRIPING
@@ -47,6 +48,7 @@ KNOWN_CAPS = (
     | CAP_RESUME
     | CAP_OPEN_CHECK
     | CAP_HOLD
+    | CAP_DEDUP_TAIL
 )
 
 

@@ -44,9 +44,13 @@ def check_place(
     layer: int,
     offset: int,
     raw_length: int,
+    tails: bool = False,
 ) -> None:
     """Raise ``LAYOUT_MISMATCH`` unless chunk ``chunk_index`` lies in ``layer`` at
-    ``offset`` with ``raw_length`` bytes, as the layout says (SPEC §5.4, §7.2)."""
+    ``offset`` with ``raw_length`` bytes, as the layout says (SPEC §5.4, §7.2). With
+    ``tails`` (``CAP_DEDUP_TAIL``) it may also be the chunk's tail: from an offset inside
+    its range to its end (whether that is the tail dedup expects is the transfer's check,
+    §7.6.5)."""
     if layer >= len(layers) or not starts[layer] <= chunk_index < starts[layer + 1]:
         raise ProtocolError(
             ErrorCode.LAYOUT_MISMATCH,
@@ -54,6 +58,9 @@ def check_place(
         )
     expect_offset = (chunk_index - starts[layer]) * chunk_size
     expect_length = min(chunk_size, layers[layer].nbytes - expect_offset)
+    end = expect_offset + expect_length
+    if tails and expect_offset < offset < end and offset + raw_length == end:
+        return
     if offset != expect_offset or raw_length != expect_length:
         raise ProtocolError(
             ErrorCode.LAYOUT_MISMATCH,

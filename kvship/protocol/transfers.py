@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .constants import CAP_CODECS, CODEC_RAW, KNOWN_CODECS
+from .constants import CAP_CODECS, CAP_DEDUP_TAIL, CODEC_RAW, KNOWN_CODECS
 from .errors import ErrorCode, ProtocolError
 from .geometry import check_place, chunk_table
 from .meta import Open
@@ -100,6 +100,7 @@ def check_chunk(
         meta.layer,
         meta.offset,
         meta.raw_length,
+        tails=bool(capabilities & CAP_DEDUP_TAIL),
     )
     if meta.codec == CODEC_RAW:
         if wire_length != meta.raw_length:
