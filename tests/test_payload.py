@@ -161,16 +161,20 @@ def test_barely_compressible_goes_raw() -> None:
     assert used == CODEC_RAW
 
 
-def test_encoder_reuses_its_buffer_and_takes_any_buffer() -> None:
+@pytest.mark.parametrize("codec", [CODEC_ZSTD, CODEC_SPLIT16], ids=["zstd", "split16"])
+def test_coded_output_is_the_callers_and_any_buffer_goes_in(codec: int) -> None:
+    """The daemon queues a coded chunk as it came from the encoder (no copy): a later
+    encode must never write into an earlier result."""
     enc = Encoder()
     vals = kv_sample("prose", "bf16").ravel()[:50_000]  # a uint16 array, not bytes
-    used1, w1 = enc.encode(memoryview(vals), CODEC_SPLIT16)
+    used1, w1 = enc.encode(memoryview(vals), codec)
     wire1 = bytes(w1)
-    used2, w2 = enc.encode(memoryview(vals[:40_000]), CODEC_SPLIT16)
-    assert used1 == used2 == CODEC_SPLIT16
-    assert w1.obj is w2.obj  # same output buffer, no new allocation
+    used2, w2 = enc.encode(memoryview(vals[10_000:]), codec)
+    assert used1 == used2 == codec
+    assert bytes(w1) == wire1 and w1.obj is not w2.obj  # the second left the first alone
+    assert len(w1.obj) == len(w1)  # exactly its own bytes: nothing over-allocated kept
     out = bytearray(vals.nbytes)
-    Decoder().decode(CODEC_SPLIT16, wire1, vals.nbytes, chunk_checksum(vals.tobytes()), out)
+    Decoder().decode(codec, w1, vals.nbytes, chunk_checksum(vals.tobytes()), out)
     assert bytes(out) == vals.tobytes()
 
 

@@ -42,17 +42,17 @@ class CodecPool:
             dec = self._local.decoder = Decoder()
         return dec
 
-    def _encode(self, data: memoryview, codec: int) -> tuple[int, bytes, float]:
+    def _encode(self, data: memoryview, codec: int) -> tuple[int, memoryview, float]:
         start = time.perf_counter()
         used, wire = self._encoder().encode(data, codec)
-        # The encoder reuses its buffer for the next chunk: a coded result is copied out.
-        # One that did not pay is the input itself: no copy (it used to be a private copy
-        # of every incompressible chunk, held until the chunk was sent: 512 MiB of it
+        # A coded result is already private (the encoder wrote it once): no copy. One that
+        # did not pay is the input itself: nothing is returned (it used to be a private
+        # copy of every incompressible chunk, held until the chunk was sent: 512 MiB of it
         # under 64 concurrent transfers, tools/bench_load.py).
-        out = bytes(wire) if used != CODEC_RAW else b""
+        out = wire if used != CODEC_RAW else memoryview(b"")
         return used, out, time.perf_counter() - start
 
-    async def encode(self, data: memoryview, codec: int) -> tuple[int, bytes]:
+    async def encode(self, data: memoryview, codec: int) -> tuple[int, memoryview]:
         """(codec used, wire bytes): RAW with an empty result when it did not pay."""
         self.busy += 1
         try:

@@ -392,7 +392,7 @@ class OutgoingTransfer:
             if used != CODEC_RAW:
                 release()  # the coded copy is what travels: the engine gets its slot back
                 release = _nothing
-                meta, wire = dataclasses.replace(meta, codec=used), memoryview(coded)
+                meta, wire = dataclasses.replace(meta, codec=used), coded
         sent = (meta, wire, release, queued_at)
         self.inflight[index] = sent  # what a resume must send again from now on
         try:

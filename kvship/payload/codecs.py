@@ -110,9 +110,10 @@ def _zstd_frame_length(src: memoryview) -> int:
 
 
 class Encoder:
-    """Encodes chunks into one reused output buffer (one per worker thread).
+    """Encodes chunks (one encoder per worker thread).
 
-    The view :meth:`encode` returns stays valid until the next call on this encoder.
+    A coded result is the caller's to keep (its bytes are written once: by zstd itself, or
+    into an exact-size buffer for split16), so no one copies it again on its way out.
     """
 
     def __init__(
@@ -128,7 +129,6 @@ class Encoder:
             level=level, write_checksum=False, write_content_size=True, write_dict_id=False
         )
         self._high_zstd = zstd.ZstdCompressor(compression_params=high_params)
-        self._out = np.empty(0, np.uint8)
         self._high = np.empty(0, np.uint8)
 
     def encode(self, data: memoryview | bytes | bytearray, codec: int) -> tuple[int, memoryview]:
@@ -144,18 +144,9 @@ class Encoder:
             wire = self._encode_split16(src, limit)
         return (CODEC_RAW, src) if wire is None else (codec, wire)
 
-    def _buffer(self, size: int) -> np.ndarray:
-        if len(self._out) < size:
-            self._out = np.empty(size, np.uint8)
-        return self._out
-
     def _encode_zstd(self, src: memoryview, limit: int) -> memoryview | None:
         frame = self._zstd.compress(src)
-        if len(frame) > limit:
-            return None
-        out = self._buffer(len(frame))
-        out[: len(frame)] = np.frombuffer(frame, np.uint8)
-        return out.data[: len(frame)]
+        return None if len(frame) > limit else memoryview(frame)
 
     def _encode_split16(self, src: memoryview, limit: int) -> memoryview | None:
         n = len(src)
@@ -170,14 +161,14 @@ class Encoder:
         total = split.HEADER_SIZE + hi_len + m + tail
         if total > limit:  # decided before the low plane is touched
             return None
-        out = self._buffer(total)
+        out = np.empty(total, np.uint8)
         split.HEADER.pack_into(out.data, 0, split.CODER_ZSTD, 0, 0, hi_len)
         low_at = split.HEADER_SIZE + hi_len
         out[split.HEADER_SIZE : low_at] = np.frombuffer(frame, np.uint8)
         split.split_low(vals, out[low_at : low_at + m])
         if tail:
             out[total - 1] = src[n - 1]
-        return out.data[:total]
+        return out.data
 
 
 class Decoder:
