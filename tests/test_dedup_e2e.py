@@ -142,6 +142,62 @@ async def test_the_chunk_straddling_the_held_prefix_travels_as_its_tail(
     assert second_wire <= 0.11 * first_wire, (second_wire, first_wire)
 
 
+async def test_a_corrupt_engine_chunk_cut_into_a_tail_fails_its_transfer_at_the_sender(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """The tail's checksum covers only the tail, so the receiver cannot see corruption in the
+    engine's bytes of a chunk that is cut: the sending daemon checks the whole chunk against
+    the engine's checksum first and fails that transfer (CHECKSUM_MISMATCH to the engine);
+    the link goes on serving."""
+    from conftest import MAGIC, RawPeer, new_tid
+    from kvship.protocol import ROLE_ENGINE, Abort, Chunk, ChunkMeta, FrameType, Hello, Open
+    from kvship.protocol.geometry import chunk_table
+
+    a, b = pair
+    rng = np.random.default_rng(9)
+    first = rng.integers(0, 50000, 4096, dtype=np.uint32)
+    await ship(a, b, "cut-first", first, chunk_blocks=16)  # b's store holds its blocks
+    second = first.copy()
+    second[230 * 16 + 3 :] = rng.integers(0, 50000, 4096 - 230 * 16 - 3)
+    layers = kv_for(second)
+    specs, size = layout_of(layers), 16 * BLOCK
+    keys = tuple(block_keys(second, MODEL))
+    tid = new_tid()
+    engine = await RawPeer.connect(a.addresses["engine"])
+    try:
+        await engine.send(MAGIC + Hello(ROLE_ENGINE, "cut-engine").encode())
+        assert (await engine.read_frame() or (0,))[0] == FrameType.HELLO_ACK
+        extra = {"dedup": Manifest(MODEL, 0, keys).to_extra()}
+        opened = Open(
+            tid, f"cut-{tid:x}", specs, size, token_ids=tuple(second.tolist()),
+            peer=b.peer, extra=extra,
+        )  # fmt: skip
+        await engine.send(opened.encode())
+        starts = chunk_table(specs, size)
+        tail = starts[0] + 14  # layer 0's chunk holding blocks 224-239: cut at block 230
+        for layer, array in enumerate(layers):
+            raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1).tobytes()
+            for index in range(starts[layer], starts[layer + 1]):
+                offset = (index - starts[layer]) * size
+                data = raw[offset : offset + size]
+                checksum = chunk_checksum(data) ^ (1 if index == tail else 0)
+                meta = ChunkMeta(tid, index, layer, offset, len(data), checksum)
+                await engine.send(Chunk(meta, memoryview(data)).encode())
+        frame = None
+        for _ in range(200):
+            frame = await engine.read_frame()
+            if frame is None or frame[0] == FrameType.ABORT:
+                break
+        assert frame is not None and frame[0] == FrameType.ABORT, frame
+        abort = Abort.decode(memoryview(frame[1]))
+        assert abort.code == ErrorCode.CHECKSUM_MISMATCH
+        assert f"chunk {tail} does not match the engine's checksum" in abort.message
+    finally:
+        engine.writer.close()
+    third = rng.integers(0, 50000, 512, dtype=np.uint32)
+    await ship(a, b, "cut-after", third, chunk_blocks=16)  # the link still serves
+
+
 async def test_the_same_prompt_again_skips_the_linear_states_too(
     pair: tuple[DaemonProcess, ...],
 ) -> None:
