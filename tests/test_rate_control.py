@@ -47,6 +47,64 @@ async def test_put_link_changes_the_rate_of_a_live_link(pair: tuple[DaemonProces
     await good_transfer(a, b)  # transfers keep working at the new rate
 
 
+async def test_a_rate_set_while_the_link_connects_holds_once_it_is_up(tmp_path: Path) -> None:
+    """A PUT that lands while the link is still connecting (a configured peer slow to
+    answer its HELLO) must not be lost: the link comes up at the rate PUT said. It used to
+    come up with the limits it was created with (the PrfaaS demo once saw its link uncapped
+    for a whole phase: its PUT went in right after the daemon started)."""
+    import asyncio
+    import contextlib
+
+    from conftest import MAGIC, parse_frames
+    from kvship.protocol import CAP_STRIPING, FrameType, HelloAck
+
+    answered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    return
+                data += chunk
+                if data.startswith(MAGIC):
+                    frames, _ = parse_frames(data[len(MAGIC) :])
+                    if any(ftype == FrameType.HELLO for ftype, _ in frames):
+                        break
+            await release.wait()  # the HELLO_ACK waits until the PUT went in
+            writer.write(
+                HelloAck(1, CAP_STRIPING, 8 << 20, (8 << 20) + 64, 4 << 20, 64, "slow").encode()
+            )
+            await writer.drain()
+            answered.set()
+            await reader.read()  # keep the connection until the daemon closes it
+
+    server = await asyncio.start_server(slow_peer, "127.0.0.1", 0)
+    peer = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    daemon = DaemonProcess("slowpeer", tmp_path, ["--peers", peer]).start()
+    try:
+        await asyncio.sleep(0.3)  # the daemon is connecting, waiting for the HELLO_ACK
+        path = f"/v1/links/{peer}"
+        status, body = await asyncio.to_thread(put, daemon, path, b'{"rate": "200mbit"}')
+        assert status == 200, body
+        assert not answered.is_set()  # the PUT really landed while the link connected
+        release.set()
+        await asyncio.wait_for(answered.wait(), 10)
+
+        def up() -> bool:
+            links = daemon.get_json("/v1/links")["links"]
+            return bool(links and links[0].get("connections"))
+
+        await wait_for_condition(off_loop(up), timeout=10, what="the link up")
+        assert link(daemon)["rate_limit_Bps"] == 25e6, link(daemon)
+    finally:
+        daemon.stop()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [

@@ -72,6 +72,9 @@ class LinkPool:
                     on_dead=self._forget,
                 )
                 await link.connect()
+                # A rate PUT while it connected went to peer_limits only (the link was not
+                # in self.links yet): the link starts at what is in force now.
+                link.bucket.set_limits(*self.limits_for(address))
                 self.links[address] = link
             return link
 
