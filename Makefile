@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvship-installed
 
-.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e prfaas-demo soak fuzz clean
+.PHONY: demo test lint bench bench-mooncake vectors capture gpu-check e2e prfaas-demo soak fuzz wan-bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ $(MOONCAKE_VENV)/.installed:
 
 bench-mooncake: $(STAMP) $(MOONCAKE_VENV)/.installed
 	$(BIN)/kvship bench --repeat 3 --vs mooncake --mooncake-python $(MOONCAKE_VENV)/bin/python --json
+
+# kvship against iperf3 over the project's WAN emulator (tools/wan: two network namespaces,
+# tc tbf, an NFQUEUE delay line): rates 2 and 8 Gbit/s x RTT 0/10/30/80 ms x default and
+# raised kernel buffers; a table, then one JSON line. Needs root, iptables, iperf3 and
+# libnetfilter-queue-dev (apt); the delay line builds into build/wan. WAN_ARGS='--rates 2'...
+WAN_ARGS ?=
+wan-bench: $(STAMP)
+	$(BIN)/python tools/wan/bench.py $(WAN_ARGS)
 
 # A bounded soak (~3 min): two kvshipd with the prefill side's peer traffic through
 # tools/faultproxy.py (resets, stalls, truncations, bit flips, delays); every transfer is
