@@ -77,11 +77,30 @@ def missing() -> str | None:
     try:
         sh("ip", "netns", "exec", probe, "iptables", "-t", "raw", "-A", "PREROUTING",
            "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass")  # fmt: skip
+        line = _probe_delayline(probe)
+        if not line.startswith('{"ready"'):
+            return f"the delay line cannot bind an NFQUEUE here: {line[-200:]}"
     except subprocess.CalledProcessError as exc:
         return f"iptables NFQUEUE is not available: {exc.stderr.strip()[-200:]}"
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=20)
     return None
+
+
+def _probe_delayline(ns: str) -> str:
+    """Start the delay line in ``ns`` and stop it: its first line (or its error)."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, str(DELAYLINE), "0", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=2)  # it exits at once only when it failed
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    return (out or "").strip() or f"exit status {proc.returncode}"
 
 
 @dataclass
