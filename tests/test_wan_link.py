@@ -34,6 +34,7 @@ def namespaces() -> str:
 
 def test_one_cell_crosses_the_emulated_link_and_cleans_up(wan: object) -> None:
     opts = argparse.Namespace(bytes=64 << 20, iperf_seconds=1.0, slow_start_after_idle=1)
+    opts.daemon_args, opts.engine_arena = "", None
     cell = wan.cell(2.0, 10.0, "default", opts)  # type: ignore[attr-defined]
     assert cell["bitexact"] is True, cell
     # The delay line delays: a round trip cannot be shorter than the two 5 ms halves.

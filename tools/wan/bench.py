@@ -84,15 +84,21 @@ def rss_mib(daemon: DaemonProcess) -> float:
 
 
 async def ship(
-    a: DaemonProcess, b: DaemonProcess, layers: list[np.ndarray], rid: str
+    a: DaemonProcess,
+    b: DaemonProcess,
+    layers: list[np.ndarray],
+    rid: str,
+    engine_arena: int | None = None,
 ) -> dict[str, Any]:
     """Send ``layers`` a -> b; (seconds from send to the last layer at the decode engine,
-    seconds to the first, bit-exact)."""
+    seconds to the first, bit-exact). ``engine_arena``: both engines' arena bytes (default:
+    the client's 32 MiB send arena, a 3-layer receive arena)."""
     want = [xxhash.xxh3_64_intdigest(x.data) for x in layers]
-    arena = max(3 * layers[0].nbytes, 64 << 20)
+    arena = engine_arena or max(3 * layers[0].nbytes, 64 << 20)
+    send_arena = {"arena_bytes": engine_arena} if engine_arena else {}
     async with (
         Client(b.socket_path, receive_arena_bytes=arena) as decode_engine,
-        Client(a.socket_path) as prefill_engine,
+        Client(a.socket_path, **send_arena) as prefill_engine,
     ):
         # As engines run: connected to their daemons with arenas made at start, so the
         # clock covers the transfer, not an engine's own set-up.
@@ -128,6 +134,8 @@ def synthetic(total: int, n_layers: int, seed: int) -> list[np.ndarray]:
 
 def cell(rate: float, rtt: float, buffers: str, opts: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"rate_gbit": rate, "rtt_ms": rtt, "buffers": buffers}
+    if opts.daemon_args:
+        out["daemon_args"] = opts.daemon_args
     idle = opts.slow_start_after_idle
     out["slow_start_after_idle"] = idle
     with WanLink(rate, rtt, buffers == "raised", slow_start_after_idle=idle) as link:
@@ -142,10 +150,13 @@ def cell(rate: float, rtt: float, buffers: str, opts: argparse.Namespace) -> dic
         out["iperf3_p4_gbps"] = round(p4["gbps"], 3)
         with tempfile.TemporaryDirectory(prefix="kvship-wan-") as tmp:
             work = Path(tmp)
-            b = start_daemon(link, link.ns_b, "decode", ADDR_B, work)
+            extra = opts.daemon_args.split()
+            b = start_daemon(link, link.ns_b, "decode", ADDR_B, work, *extra)
             a = None
             try:
-                a = start_daemon(link, link.ns_a, "prefill", ADDR_A, work, "--peers", b.peer)
+                a = start_daemon(
+                    link, link.ns_a, "prefill", ADDR_A, work, "--peers", b.peer, *extra
+                )
                 wait_warm(link, a, time.monotonic() + 30)
                 small = asyncio.run(
                     ship(
@@ -159,7 +170,8 @@ def cell(rate: float, rtt: float, buffers: str, opts: argparse.Namespace) -> dic
                 out["first_small_transfer_rtts"] = (
                     round(small["first_s"] / rtt_s, 2) if rtt > 0 else None
                 )
-                big = asyncio.run(ship(a, b, synthetic(opts.bytes, LAYERS, 2), "wan-big"))
+                layers = synthetic(opts.bytes, LAYERS, 2)
+                big = asyncio.run(ship(a, b, layers, "wan-big", opts.engine_arena))
                 out["kvship_gbps"] = round(opts.bytes * 8 / big["seconds"] / 1e9, 3)
                 out["bitexact"] = bool(small["bitexact"] and big["bitexact"])
                 out["kvship_link"] = {
@@ -206,6 +218,15 @@ def main() -> int:
         "--bytes", type=parse_size, default=parse_size("1GiB"), help="per kvship transfer"
     )
     ap.add_argument("--iperf-seconds", type=float, default=4.0)
+    ap.add_argument(
+        "--engine-arena",
+        type=parse_size,
+        default=None,
+        help="both engines' arena bytes for the large transfer (default: the client's)",
+    )
+    ap.add_argument(
+        "--daemon-args", default="", help="extra kvshipd flags for both daemons (default: none)"
+    )
     ap.add_argument(
         "--slow-start-after-idle",
         type=int,
