@@ -228,3 +228,82 @@ async def test_a_corrupted_chunk_is_sent_again_not_delivered(tmp_path: Path) -> 
     finally:
         a.stop()
         b.stop()
+
+
+async def test_dedup_tails_survive_every_connection_reset(tmp_path: Path) -> None:
+    """A deduplicated transfer whose straddling chunks travel as tails (CAP_DEDUP_TAIL),
+    its connections reset while it runs: the chunks the receiver had not ACKed go again as
+    they first went (a tail is never cut twice, a coded chunk never coded twice) and the
+    request arrives bit-exact, its held prefix from the store."""
+    import numpy as np
+    import xxhash
+
+    from kvship.layout import layout_of
+    from kvship.layout.model import FullAttention, ModelLayout
+    from kvship.layout.prefix import block_keys
+
+    model = ModelLayout("tails-resume", "tails-resume-test", (FullAttention(16, 2, 64),) * 24)
+    block = 8192
+
+    def kv(tokens: np.ndarray) -> list[np.ndarray]:
+        keys = block_keys(tokens, model)
+        tail = [bytes(block)] * (-(-len(tokens) // 16) - len(keys))
+        return [
+            np.frombuffer(
+                b"".join(
+                    np.random.default_rng(xxhash.xxh64_intdigest(k + bytes([i]))).bytes(block)
+                    for k in keys
+                )
+                + b"".join(tail),
+                np.uint8,
+            )
+            for i in range(len(model.layers))
+        ]
+
+    async def ship(tx: Client, rx: Client, rid: str, tokens: np.ndarray, peer: str) -> None:
+        layers = kv(tokens)
+        receiving = asyncio.create_task(receive_all(rx, rid, timeout=30))
+        sender = await tx.send(
+            rid, layout_of(layers), peer=peer, token_ids=tokens.tolist(), model=model
+        )
+        for i, layer in enumerate(layers):
+            await sender.put(i, layer)
+        await sender.finish(timeout=60)
+        got, receiver = await asyncio.wait_for(receiving, 60)
+        assert receiver.complete and all(same_bytes(got[i], x) for i, x in enumerate(layers))
+
+    slow = ["--peer-rate", "40mbit", "--peer-burst", "1MiB", "--resume-timeout-s", "20"]
+    a = DaemonProcess("prefill", tmp_path, slow).start()
+    b = DaemonProcess("decode", tmp_path, slow).start()
+    try:
+        host, port = b.peer.rsplit(":", 1)
+        rng = np.random.default_rng(4)
+        first = rng.integers(0, 50000, 2048, dtype=np.uint32)
+        second = first.copy()  # 120 of 128 blocks shared: each layer's tail from block 120
+        second[120 * 16 + 7 :] = rng.integers(0, 50000, 2048 - 120 * 16 - 7)
+        proxy = faultproxy.FaultProxy((host, int(port)), faultproxy.Schedule(seed=3))
+        tx_client = Client(a.socket_path, chunk_bytes=16 * block)
+        async with proxy, Client(b.socket_path) as rx, tx_client as tx:
+            await ship(tx, rx, "tails-first", first, proxy.address)
+            resent_before = a.metric("kvship_chunks_resent")
+            resumed_before = b.metric("kvship_transfers_resumed")
+            sent_before = a.metric("kvship_chunks_sent")
+            shipping = asyncio.create_task(ship(tx, rx, "tails-second", second, proxy.address))
+            resets = 0
+            for _ in range(100):  # bounded: 5 s
+                await asyncio.sleep(0.05)
+                # Chunks flow only after HAVE: reset once the exchange is done.
+                if resets < 3 and a.metric("kvship_chunks_sent") > sent_before + 2:
+                    resets += proxy.reset_all() > 0
+                    await asyncio.sleep(0.3)
+                if resets == 3 or shipping.done():
+                    break
+            await asyncio.wait_for(shipping, 60)
+        assert resets >= 1, "the transfer finished before a reset"
+        assert b.metric("kvship_transfers_resumed") > resumed_before
+        assert a.metric("kvship_chunks_resent") > resent_before
+        record = b.get_json("/v1/transfers/tails-second")
+        assert record["skipped_bytes"] == 24 * 120 * block  # the held blocks exactly
+    finally:
+        a.stop()
+        b.stop()

@@ -373,7 +373,10 @@ class OutgoingTransfer:
         if meta.chunk_index in self.skip:  # the receiver holds it already
             release()
             return True
-        cut = self.tails.get(meta.chunk_index)
+        # A chunk queued again after a resume may already be as it travels (coded, or cut
+        # to its tail): it goes as it is, never coded or cut twice.
+        prepared = meta.codec != CODEC_RAW or meta.offset % self.opened.chunk_size != 0
+        cut = None if prepared else self.tails.get(meta.chunk_index)
         if cut is not None:
             tail = self._tail(meta, data, cut)
             if tail is None:
@@ -385,9 +388,9 @@ class OutgoingTransfer:
         # Not verified here: the receiving daemon checks every chunk, and a corrupt
         # one fails only its transfer there (SPEC §7.4), so a corrupt engine costs
         # its own transfer, never the link.
-        raw_length, wire = len(data), data
+        raw_length, wire = meta.raw_length, data
         codec = link.codec_for(self.opened.layers[meta.layer].dtype)
-        if codec != CODEC_RAW:
+        if codec != CODEC_RAW and not prepared:
             used, coded = await self.ctx.codecs.encode(data, codec)
             if used != CODEC_RAW:
                 release()  # the coded copy is what travels: the engine gets its slot back
