@@ -164,6 +164,37 @@ def test_budget_defers_credit_past_its_bound_and_returns_it_in_order() -> None:
     assert (b.granted, a.granted) == (62, 79)  # a's credit went; b's was dropped
 
 
+class Finisher:
+    """A finishing transfer for the budget: ``needs`` says whether only memory lets it
+    finish a layer (none of its layers can be handed over)."""
+
+    def __init__(self, needs: bool) -> None:
+        self.needs = needs
+
+    def needs_memory_to_finish(self) -> bool:
+        return self.needs
+
+    def pause_sender(self, conn: object) -> bool:
+        return False
+
+
+def test_withheld_credit_of_the_finishing_connections_flows_only_when_memory_must_finish() -> None:
+    """reconsider() lends memory past the bound only while the waited-for transfer has no
+    layer its engine can take: with one to take, the engine's reading frees room, and a
+    link faster than the engine would otherwise fill memory layer by layer (it did: 64-100
+    MiB staged against a 48 MiB bound, with the machine loaded)."""
+    a = PeerStandIn()
+    finisher = Finisher(needs=False)
+    budget = StagingBudget(100, finishing=lambda: (finisher, {a}))
+    budget.hold(a, 100, 10)
+    budget.hold(a, 50, 11, owner=finisher)  # past the bound, its engine can read: waits
+    budget.reconsider()
+    assert a.granted == 10 and budget.deferred_bytes == 11
+    finisher.needs = True  # nothing to hand over now: only memory finishes a layer
+    budget.reconsider()
+    assert a.granted == 21 and budget.deferred_bytes == 0
+
+
 # ------------------------------------------------------------------------ store set
 TINY = ModelLayout("tiny", "org/tiny", (FullAttention(4, 1, 2), FullAttention(4, 1, 2)))
 OTHER = ModelLayout("other", "org/other", (FullAttention(4, 1, 2),))

@@ -20,8 +20,11 @@ first incomplete layer (``finishing``, from the registry):
   its credit back when none of the transfer's layers can be handed over meanwhile
   (``needs_memory_to_finish``; a resumed transfer, say, lands in memory only); otherwise
   its engine's reading frees the room it waits for;
-- withheld credit of those connections is granted (``reconsider``) when an engine claims a
-  transfer, a layer completes or memory is freed.
+- withheld credit of those connections is granted (``reconsider``) on that same condition,
+  when it may have changed: an engine claims a transfer, a layer completes, a delivery
+  finds no arena space for any ready layer while incomplete layers hold regions (form b
+  of the stall: only finishing one frees space), or memory is freed. A delivery blocked
+  by layers its engine has not released yet is not such a case: its reading frees room.
 
 So staging overshoots its bound by at most what was in flight when it filled (a window per
 connection), what a HOLD overtakes (another), and the rest of one layer (never above
@@ -60,10 +63,10 @@ class Gauge(Protocol):
     def set(self, value: float) -> None: ...
 
 
-Finishing = Callable[[], tuple[object | None, Collection[object]]]
+Finishing = Callable[[], tuple[Owner | None, Collection[object]]]
 
 
-def _none_finishing() -> tuple[object | None, Collection[object]]:
+def _none_finishing() -> tuple[Owner | None, Collection[object]]:
     return None, ()
 
 
@@ -125,12 +128,14 @@ class StagingBudget:
 
     def reconsider(self) -> None:
         """Grant the withheld credit of the connections that finish the oldest incomplete
-        layer (call when that layer may have changed: an engine claimed a transfer, a
-        layer completed, memory was freed)."""
+        layer, when that transfer needs memory to finish one (call when that may have
+        changed: an engine claimed a transfer, a layer completed or was delivered, memory
+        was freed). While its engine can take a completed layer, reading frees the room:
+        granting then would let a link faster than the engine fill memory layer by layer."""
         if not self._deferred:
             return
-        _, conns = self._finishing()
-        if not conns:
+        transfer, conns = self._finishing()
+        if not conns or (transfer is not None and not transfer.needs_memory_to_finish()):
             return
         kept: deque[tuple[Grantor, int]] = deque()
         for conn, credit in self._deferred:

@@ -201,6 +201,9 @@ class Subscription:
                         transfer.layer_delivered(layer)
                         delivered += 1
                         progress = True
+            # Ready layers none of which could go now (arena space held by incomplete
+            # layers): only finishing one frees it, so the budget may lend memory for that.
+            transfer.set_delivery_blocked(bool(transfer.ready_layers()))
             if transfer.state is TransferState.FAILED:
                 assert transfer.error is not None
                 code, message = transfer.error

@@ -117,6 +117,7 @@ class IncomingTransfer:
         self.held_prefix: HeldPrefix | None = None  # what dedup supplies from the store
         self._skipped: set[int] = set()  # chunk indices HAVE declared held
         self.ready: deque[int] = deque(i for i, n in enumerate(self.pending) if n == 0)
+        self.delivery_blocked = False  # ready layers, none of which its delivery could place
         self.destination_of: Destination | None = None
         self.error: tuple[ErrorCode, str] | None = None
         self.changed = asyncio.Event()  # wakes the delivery
@@ -520,9 +521,22 @@ class IncomingTransfer:
         return self.sender_paused
 
     def needs_memory_to_finish(self) -> bool:
-        """No layer of it waits to be handed over: a delivery frees nothing until one
-        completes, so its next chunks may go past the staging bound (the budget's rule)."""
-        return not self.ready
+        """No layer of it can be handed over now (none is complete, or its delivery found
+        no arena space for any that is): a delivery frees nothing until one completes, so
+        its next chunks may go past the staging bound (the budget's rule). Otherwise its
+        engine's reading frees the room they wait for."""
+        return not self.ready or self.delivery_blocked
+
+    def set_delivery_blocked(self, blocked: bool) -> None:
+        """The delivery's verdict after a pass over the ready layers: none could go. If
+        incomplete layers hold arena regions, only finishing one frees space, so its credit
+        may flow past the bound; if the arena is full of layers the engine has not released
+        yet, its reading frees the space and nothing more is lent."""
+        blocked = blocked and bool(self.regions)
+        newly = blocked and not self.delivery_blocked
+        self.delivery_blocked = blocked
+        if newly:
+            self.ctx.budget.reconsider()
 
     def resume_sender(self) -> None:
         """Tell a paused sender to go on (room again, or an engine claimed it)."""
@@ -601,6 +615,7 @@ class IncomingTransfer:
     def layer_delivered(self, layer: int) -> None:
         """The engine has ``layer``: its daemon-memory chunks are freed."""
         self.ready.remove(layer)
+        self.delivery_blocked = False
         self.last_activity = time.monotonic()
         self._release_layer(layer)
         if not self._delivered_any:
