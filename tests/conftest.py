@@ -21,7 +21,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -242,6 +242,22 @@ def parse_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
         frames.append((ftype, data[pos + HEADER_SIZE : pos + HEADER_SIZE + length]))
         pos += HEADER_SIZE + length
     return frames, data[pos:]
+
+
+async def frames_from(reader: asyncio.StreamReader) -> AsyncIterator[tuple[int, bytes]]:
+    """What a daemon sends to a test's own peer listener: its preface skipped, then each
+    (type, body) frame as it arrives; ends at EOF or a reset."""
+    data, preface = b"", True
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while chunk := await reader.read(1 << 16):
+            data += chunk
+            if preface:
+                if len(data) < len(MAGIC):
+                    continue
+                data, preface = data[len(MAGIC) :], False
+            frames, data = parse_frames(data)
+            for frame in frames:
+                yield frame
 
 
 def goaway_of(frames: Sequence[tuple[int, bytes]]) -> GoAway | None:

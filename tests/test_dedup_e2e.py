@@ -372,32 +372,18 @@ async def test_a_have_beyond_the_manifest_aborts_the_transfer(
     with PROTOCOL_ERROR instead (SPEC §7.6)."""
     import struct
 
-    from conftest import MAGIC, parse_frames
+    from conftest import frames_from
     from kvship.protocol import CAP_CODECS, CAP_DEDUP, CAP_STRIPING, FrameType, Have, HelloAck
 
     async def lying_receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = b""
-        acked = False
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                chunk = await reader.read(1 << 16)
-                if not chunk:
-                    return
-                data += chunk
-                if not acked and len(data) >= len(MAGIC):
-                    data = data[len(MAGIC) :]
-                frames, data = parse_frames(data)
-                for ftype, body in frames:
-                    if ftype == FrameType.HELLO and not acked:
-                        caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP
-                        ack = HelloAck(1, caps, 8 << 20, (8 << 20) + 64, 4 << 20, 64, "liar")
-                        writer.write(ack.encode())
-                        acked = True
-                    elif ftype == FrameType.OPEN:
-                        (tid,) = struct.unpack_from(">Q", body)
-                        writer.write(Have(tid, 1_000_000, False).encode())
-
-    import contextlib
+        async for ftype, body in frames_from(reader):
+            if ftype == FrameType.HELLO:
+                caps = CAP_STRIPING | CAP_CODECS | CAP_DEDUP
+                ack = HelloAck(1, caps, 8 << 20, (8 << 20) + 64, 4 << 20, 64, "liar")
+                writer.write(ack.encode())
+            elif ftype == FrameType.OPEN:
+                (tid,) = struct.unpack_from(">Q", body)
+                writer.write(Have(tid, 1_000_000, False).encode())
 
     server = await asyncio.start_server(lying_receiver, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

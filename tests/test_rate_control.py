@@ -55,24 +55,20 @@ async def test_a_rate_set_while_the_link_connects_holds_once_it_is_up(tmp_path: 
     import asyncio
     import contextlib
 
-    from conftest import MAGIC, parse_frames
+    from conftest import frames_from
     from kvship.protocol import CAP_STRIPING, FrameType, HelloAck
 
     answered = asyncio.Event()
     release = asyncio.Event()
 
     async def slow_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = b""
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                chunk = await reader.read(1 << 16)
-                if not chunk:
-                    return
-                data += chunk
-                if data.startswith(MAGIC):
-                    frames, _ = parse_frames(data[len(MAGIC) :])
-                    if any(ftype == FrameType.HELLO for ftype, _ in frames):
-                        break
+        async with contextlib.aclosing(frames_from(reader)) as frames:
+            async for ftype, _ in frames:
+                if ftype == FrameType.HELLO:
+                    break
+            else:
+                return  # closed before its HELLO
+        with contextlib.suppress(ConnectionError):
             await release.wait()  # the HELLO_ACK waits until the PUT went in
             writer.write(
                 HelloAck(1, CAP_STRIPING, 8 << 20, (8 << 20) + 64, 4 << 20, 64, "slow").encode()

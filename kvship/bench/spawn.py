@@ -44,6 +44,23 @@ class ProcCounters:
         )
 
 
+def metric_sum(text: str, name: str, labels: str = "") -> float:
+    """Sum of a metric's samples (``name`` or ``name_total``) whose label text contains
+    ``labels``, in one /metrics text (so one scrape can give several figures)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#") and labels in line:
+            head = line.split(" ")[0]
+            if (
+                head == name
+                or head.startswith(name + "{")
+                or head == name + "_total"
+                or (head.startswith(name + "_total{"))
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 @dataclass
 class DaemonProcess:
     """A kvshipd subprocess; ``addresses`` holds what it bound (peer, engine, control)."""
@@ -107,18 +124,7 @@ class DaemonProcess:
 
     def metric(self, name: str, labels: str = "") -> float:
         """Sum of a metric's samples whose label text contains ``labels``."""
-        total = 0.0
-        for line in self.metrics_text().splitlines():
-            if line.startswith(name) and not line.startswith("#") and labels in line:
-                head = line.split(" ")[0]
-                if (
-                    head == name
-                    or head.startswith(name + "{")
-                    or head == name + "_total"
-                    or (head.startswith(name + "_total{"))
-                ):
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(self.metrics_text(), name, labels)
 
     def peak_rss_mib(self) -> float:
         """VmHWM: the process's peak resident set (shared arena pages it touched included)."""

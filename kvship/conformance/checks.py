@@ -2111,12 +2111,13 @@ def tail_cuts(t: Transfer, model: Fields, blocks: int) -> dict[int, int]:
     return cuts
 
 
-def tail_frame(t: Transfer, index: int, cut: int) -> bytes:
-    """CHUNK ``index`` from byte ``cut`` on, under its tail's own checksum."""
+def tail_frame(t: Transfer, index: int, cut: int) -> tuple[bytes, int]:
+    """CHUNK ``index`` from byte ``cut`` on, and its tail's own checksum (its digest slot)."""
     data = t.raw(index)[cut:]
     _, _, off, _ = t.places[index]
-    meta = t.meta(index, offset=off + cut, raw_length=len(data), checksum=wire.checksum(data))
-    return wire.encode("CHUNK", {"meta": meta, "data": data})
+    checksum = wire.checksum(data)
+    meta = t.meta(index, offset=off + cut, raw_length=len(data), checksum=checksum)
+    return wire.encode("CHUNK", {"meta": meta, "data": data}), checksum
 
 
 @check("roundtrip.dedup_tail", "§7.6.5 §8 §9.3", "engine", slow=3.0)
@@ -2154,16 +2155,15 @@ async def _dedup_tail_roundtrip(ctx: Ctx) -> str:
         if index in skip:
             sums[index] = 0
             continue
-        frame_bytes = (
-            tail_frame(second, index, cuts[index]) if index in cuts else second.chunk(index)
-        )
+        if index in cuts:
+            frame_bytes, sums[index] = tail_frame(second, index, cuts[index])
+        else:
+            frame_bytes = second.chunk(index)
         w = len(frame_bytes) - wire.HEADER_SIZE - wire.CHUNK_META_SIZE
         if not await peer.wait_credit(w):
             raise CheckFailed(f"no CREDIT for a {w} B chunk")
         peer.credit -= w
         await peer.send(frame_bytes)
-        if index in cuts:
-            sums[index] = wire.checksum(second.raw(index)[cuts[index] :])
         sent += 1
     digest = wire.digest(sums)
     await peer.send(second.end(chunks_on_stripe=sent, digest=digest))

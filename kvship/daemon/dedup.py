@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..layout.dedup import DedupError, Manifest, skipped_chunks, tail_cuts
 from ..layout.model import FullAttention
 from ..layout.prefix import first_mismatch, full_prefix_key
-from ..protocol import LayerSpec
+from ..protocol import LayerSpec, chunk_table
 from ..store import BlockStore, StoreError
 
 log = logging.getLogger("kvship.dedup")
@@ -63,6 +63,7 @@ class HeldPrefix:
     skip: dict[int, list[int]]  # layer -> chunk indices not sent
     chunk_size: int
     tails: dict[int, int]  # chunk index -> held bytes at its start (CAP_DEDUP_TAIL)
+    starts: list[int]  # each layer's first chunk index (SPEC §7.2)
     released: bool = False
 
     @classmethod
@@ -88,20 +89,21 @@ class HeldPrefix:
             store.pin([state_key])
         skip = skipped_chunks(layout, layers, chunk_size, held, states)
         cuts = tail_cuts(layout, layers, chunk_size, held) if tails else {}
-        return cls(store, manifest, held, state_key, states, skip, chunk_size, cuts)
+        starts = chunk_table(layers, chunk_size)
+        return cls(store, manifest, held, state_key, states, skip, chunk_size, cuts, starts)
 
-    def tail_of(self, layer: int, first: int) -> int | None:
-        """The index of ``layer``'s tail chunk (its chunks start at ``first``), if any."""
-        index = first + len(self.skip.get(layer, ()))
+    def tail_of(self, layer: int) -> int | None:
+        """The index of ``layer``'s tail chunk (the one after its skipped ones), if any."""
+        index = self.starts[layer] + len(self.skip.get(layer, ()))
         return index if index in self.tails else None
 
-    def prefix_bytes(self, layer: int, first: int) -> int:
+    def prefix_bytes(self, layer: int) -> int:
         """Bytes at the start of ``layer`` that come from the store, not the wire."""
         whole = len(self.skip.get(layer, ())) * self.chunk_size
-        tail = self.tail_of(layer, first)
+        tail = self.tail_of(layer)
         return whole + (self.tails[tail] if tail is not None else 0)
 
-    async def restore(self, layer: int, first: int, view: memoryview) -> None:
+    async def restore(self, layer: int, view: memoryview) -> None:
         """Put the held prefix (or state) of ``layer`` into its buffer, then keep the
         layer's new full blocks (or its state) for the next request with this prefix.
 
@@ -109,10 +111,10 @@ class HeldPrefix:
         blocks): the work goes in slices, yielding to the loop between them."""
         kind = self.manifest.layout.layers[layer]
         if not isinstance(kind, FullAttention):
-            self._restore_state(layer, first, view)
+            self._restore_state(layer, view)
             return
         bb, keys = kind.block_bytes, self.manifest.keys
-        held = min(self.prefix_bytes(layer, first), len(view)) // bb
+        held = min(self.prefix_bytes(layer), len(view)) // bb
         for start in range(0, held, SLICE_BLOCKS):
             self._fill_blocks(layer, view, bb, range(start, min(held, start + SLICE_BLOCKS)))
             await asyncio.sleep(0)
@@ -139,8 +141,8 @@ class HeldPrefix:
             return False
         return True
 
-    def _restore_state(self, layer: int, first: int, view: memoryview) -> None:
-        if self.prefix_bytes(layer, first):
+    def _restore_state(self, layer: int, view: memoryview) -> None:
+        if self.prefix_bytes(layer):
             state = self.store.get_state(self.state_key, layer)
             if state is None:
                 raise StoreError(f"pinned state of layer {layer} is gone")

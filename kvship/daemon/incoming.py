@@ -590,9 +590,9 @@ class IncomingTransfer:
         held = self.held_prefix
         if held is None:
             return
+        await held.restore(layer, view)
         size, first, nbytes = self.opened.chunk_size, self.starts[layer], len(view)
-        await held.restore(layer, first, view)
-        tail = held.tail_of(layer, first)
+        tail = held.tail_of(layer)
         for index in [*held.skip.get(layer, ()), *([] if tail is None else [tail])]:
             offset = (index - first) * size
             chunk = view[offset : min(offset + size, nbytes)]

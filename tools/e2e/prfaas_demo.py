@@ -34,7 +34,7 @@ from typing import Any
 
 from run_e2e import Engine, finish, free_port, post
 
-from kvship.bench.spawn import DaemonProcess
+from kvship.bench.spawn import DaemonProcess, metric_sum
 from kvship.integrations.paged import PagedGeometry
 
 THRESHOLD = 512  # tokens: the scaled-down case-study threshold
@@ -156,7 +156,7 @@ class EgressWatch:
                 text = self.daemon.metrics_text()
             except OSError:
                 continue
-            sent = metric_sum(text, "kvship_wire_sent_bytes_total")
+            sent = metric_sum(text, "kvship_wire_sent_bytes")
             queued = metric_sum(text, "kvship_link_queued_bytes")
             # The counter was read somewhere within the scrape (slow on a loaded machine):
             # its midpoint, and the cap in force for the whole scrape, or none.
@@ -188,16 +188,6 @@ class EgressWatch:
                     worst = max(worst, (b1 - b0) / (cap * (t1 - t0) + burst))
                     break
         return round(worst, 4)
-
-
-def metric_sum(text: str, name: str) -> float:
-    """Sum of one metric's samples (any labels) in a /metrics text."""
-    total = 0.0
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head == name or head.startswith(name + "{"):
-            total += float(value)
-    return total
 
 
 def parse_rate(text: str) -> float:
@@ -410,7 +400,6 @@ def summarise(asks: list[Ask], stats_path: Path) -> dict[str, Any]:
     def link_wait(save: dict[str, Any]) -> float:
         return (save["timeline_ms"]["acknowledged"] - save["timeline_ms"]["last_layer_put"]) / 1000
 
-    waits = [link_wait(s) for s in acked]
     slowest = max(acked, key=link_wait, default=None)
     return {
         "routed_remote": sum(a.route == "remote" for a in asks),
@@ -428,7 +417,7 @@ def summarise(asks: list[Ask], stats_path: Path) -> dict[str, Any]:
         "remote_share_before_drop": share(1),
         "remote_share_after_drop": share(2),
         "remote_share_after_restore": share(3),
-        "link_wait_max_s": round(max(waits), 3) if waits else None,
+        "link_wait_max_s": None if slowest is None else round(link_wait(slowest), 3),
         "link_wait_bound_s": MAX_LINK_WAIT_S,
         "link_wait_slowest": None
         if slowest is None

@@ -34,15 +34,10 @@ from link import ADDR_A, ADDR_B, WanLink, missing
 
 from kvship import Client
 from kvship.bench.spawn import DaemonProcess
+from kvship.units import parse_size
 
 LAYERS = 32
 SMALL = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    from kvship.units import parse_size as parse
-
-    return parse(text)
 
 
 def start_daemon(
