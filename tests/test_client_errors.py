@@ -181,3 +181,20 @@ async def test_finish_timeout_is_a_transfer_error_and_the_transfer_goes_on(
         assert info.value.code == ErrorCode.TIMEOUT
         result = await sender.finish(timeout=30)
         assert result.total_bytes == 2 * (256 << 10)
+
+
+async def test_a_frozen_daemon_is_named_as_not_answering(tmp_path: Path) -> None:
+    """A daemon that accepts but never shakes hands (stopped, or its loop blocked) used to
+    give 'cannot reach kvshipd at X: ' and nothing after the colon (a bare TimeoutError)."""
+    import signal
+
+    with running_pair(tmp_path) as (a, _):
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(DaemonUnavailable) as info:
+                async with Client(a.socket_path, connect_timeout=0.5) as client:
+                    await client.prepare(send=1)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+    assert "no handshake within 0.5 s" in str(info.value), str(info.value)

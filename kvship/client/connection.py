@@ -122,7 +122,8 @@ class EngineConnection:
                 address, hello, self._on_frame, self._on_close, timeout=timeout
             )
         except (OSError, ValueError) as exc:  # TimeoutError and ConnectionError included
-            raise DaemonUnavailable(f"cannot reach kvshipd at {address}: {exc}") from exc
+            reason = str(exc) or f"no handshake within {timeout:g} s (the daemon is not answering)"
+            raise DaemonUnavailable(f"cannot reach kvshipd at {address}: {reason}") from exc
         self.proto.conn.payload_sink = self._sink
         if arena_bytes > 0:
             try:

@@ -22,6 +22,10 @@ from .logs import setup_logging
 from .notify import SystemdNotifier
 from .server import Daemon
 
+# A loop blocked this long gets every thread's traceback in the log (stderr): a daemon that
+# answers nothing for seconds is otherwise a mystery after the fact.
+LOOP_DUMP_AFTER_S = 5.0
+
 log = logging.getLogger("kvship.daemon")
 
 
@@ -99,6 +103,7 @@ async def serve(
 ) -> int:
     notifier = SystemdNotifier.from_environ() if notifier is None else notifier
     daemon = Daemon(config)
+    daemon.lag.dump_after_s = LOOP_DUMP_AFTER_S  # this process is the daemon's own
     await daemon.start()
     runner = web.AppRunner(make_app(daemon.control_view()), access_log=None)
     await runner.setup()

@@ -291,6 +291,7 @@ def main() -> int:
     stats_path = work / "kvship-stats.jsonl"
     stats_path.unlink(missing_ok=True)
     started = time.monotonic()
+    pressure_at_start = pressure()
 
     from transformers import AutoTokenizer
 
@@ -422,7 +423,10 @@ def main() -> int:
             daemon.stop()
 
     def explain(report: dict[str, Any]) -> None:  # a failed CI run explained from its log
-        report["daemon_warnings"] = {d.name: warnings(d.log_path) for d in (prefill, decode)}
+        report["daemon_warnings"] = {
+            d.name: warnings(d.log_path, last=80) for d in (prefill, decode)
+        }
+        report["pressure_stalled_s"] = pressure_since(pressure_at_start)
         report["engine_warnings"] = {
             e.name: warnings(e.log_path, only="kvship") for e in (producer, consumer)
         }
@@ -439,6 +443,27 @@ def warnings(log_path: Path | None, last: int = 40, only: str = "") -> list[str]
     quiet = re.compile(r"\b(INFO|DEBUG)\b")
     keep = [line[:400] for line in lines if only in line and not quiet.search(line[:60])]
     return keep[-last:]
+
+
+def pressure() -> dict[str, float]:
+    """The kernel's pressure-stall totals (PSI, seconds): how long tasks waited for CPU,
+    memory or I/O, machine-wide; {} where /proc/pressure is absent."""
+    totals: dict[str, float] = {}
+    for resource in ("cpu", "memory", "io"):
+        try:
+            text = Path(f"/proc/pressure/{resource}").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():  # "some avg10=0.00 avg60=0.00 avg300=0.00 total=123"
+            kind, *fields = line.split()
+            total = dict(f.split("=") for f in fields)["total"]
+            totals[f"{resource}_{kind}"] = int(total) / 1e6
+    return totals
+
+
+def pressure_since(start: dict[str, float]) -> dict[str, float]:
+    """What each PSI total grew by since ``start``: seconds some (or all) tasks stalled."""
+    return {k: round(v - start.get(k, 0.0), 2) for k, v in pressure().items()}
 
 
 def finish(
