@@ -55,6 +55,19 @@ class StreamTransport(Protocol):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
 
 
+class GrantPolicy(Protocol):
+    """Decides how much credit a grant really returns: a receive window that grows or
+    shrinks (daemon.window) adds to it or keeps some back."""
+
+    def adjust(self, consumed: int) -> int:
+        """The credit to send for ``consumed`` bytes just consumed (>= 0)."""
+        ...
+
+    def close(self) -> None:
+        """The connection is gone: give back what the window borrowed."""
+        ...
+
+
 class FramedProtocol(asyncio.BufferedProtocol):
     def __init__(
         self,
@@ -76,6 +89,7 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._send_lock = asyncio.Lock()
         self._pending_grant = 0
         self._grant_scheduled = False
+        self.grant_policy: GrantPolicy | None = None  # None: credit back = bytes consumed
         # Control frames queued this loop turn, written together (one syscall) at its end
         # or before anything else is written, so their order on the wire is kept.
         self._corked: list[bytes] = []
@@ -169,6 +183,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
             self.error = exc
         self._drained.set()
         self._credit.set()
+        if self.grant_policy is not None:
+            self.grant_policy.close()
+            self.grant_policy = None
         if not self.handshake.done():
             self.handshake.set_exception(
                 ConnectionError(f"connection to {self.peername} closed during the handshake")
@@ -244,6 +261,8 @@ class FramedProtocol(asyncio.BufferedProtocol):
         end of this loop iteration (or at once past an eighth of the window), so a busy
         receiver sends one CREDIT per burst rather than one per chunk.
         """
+        if self.grant_policy is not None:
+            nbytes = self.grant_policy.adjust(nbytes)
         self._pending_grant += nbytes
         if self._pending_grant >= self.conn.limits.initial_window // 8:
             self._flush_grant()

@@ -68,7 +68,14 @@ class Config:
     window_bytes: int = _key(
         8 * MIB,
         "Flow-control window per connection (64 KiB .. 2 GiB); chunks are at most 4 MiB or "
-        "this. Size it to bandwidth x RTT / connections_per_peer.",
+        "this. The window each connection starts with; it grows from here to "
+        "window_max_bytes with the connection's measured bandwidth x RTT.",
+    )
+    window_max_bytes: int = _key(
+        64 * MIB,
+        "The most a connection's window grows to (2x what it carried in its last round "
+        "trip, as TCP's receive autotuning). All connections together grow by at most "
+        "staging_bytes past window_bytes. = window_bytes: fixed windows.",
     )
     max_transfers_per_connection: int = _key(64, "Transfers one connection may carry at once.")
     peer_rate: str = _key(
@@ -169,6 +176,11 @@ class Config:
         need(bool(self.node_name) and len(self.node_name) <= 255, "node_name", "1..255 chars")
         need(1 <= self.connections_per_peer <= 64, "connections_per_peer", "must be 1..64")
         need(64 * 1024 <= self.window_bytes < 2**31, "window_bytes", "must be 64 KiB .. 2 GiB")
+        need(
+            self.window_bytes <= self.window_max_bytes < 2**31,
+            "window_max_bytes",
+            "must be window_bytes .. 2 GiB",
+        )
         need(
             1 <= self.max_transfers_per_connection <= 4096,
             "max_transfers_per_connection",

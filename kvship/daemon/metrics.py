@@ -184,6 +184,11 @@ class Metrics:
         self.staged_bytes = Gauge(
             "kvship_staged_bytes", "Received KV bytes held in daemon memory", registry=r
         )
+        self.window_growth = Gauge(
+            "kvship_receive_window_growth_bytes",
+            "How far the receive windows of all peer connections grew past window_bytes",
+            registry=r,
+        )
         self.connections = Gauge(
             "kvship_connections", "Open connections by kind", ["kind"], registry=r
         )

@@ -164,6 +164,12 @@ def tcp_info(conn: FramedProtocol) -> tuple[float, int] | None:
     return rtt_us / 1e6, retrans
 
 
+def kernel_rtt_s(conn: FramedProtocol) -> float | None:
+    """The kernel's smoothed RTT of ``conn`` in seconds (None where it does not tell)."""
+    info = tcp_info(conn)
+    return None if info is None or info[0] <= 0 else info[0]
+
+
 class PeerLink:
     """N connections to one remote daemon, its rate limit and scheduler, its figures."""
 

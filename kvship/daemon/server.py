@@ -46,9 +46,10 @@ from .incoming import ReceiveContext
 from .links import LinkPool
 from .metrics import Metrics
 from .outgoing import OutgoingTransfer, SendContext
-from .peers import PEER_CAPS
+from .peers import PEER_CAPS, kernel_rtt_s
 from .registry import TransferRegistry
 from .stores import StoreSet
+from .window import ReceiveWindow, WindowPool
 
 log = logging.getLogger("kvship.daemon")
 
@@ -70,6 +71,7 @@ class Daemon:
             initial_window=config.window_bytes,
         )
         self.registry = TransferRegistry(metrics)
+        self.windows = WindowPool(config.staging_bytes, metrics.window_growth)
         self.budget = StagingBudget(
             config.staging_bytes,
             metrics.staged_bytes,
@@ -228,6 +230,12 @@ class Daemon:
                 inbox.on_close(proto, error)
 
             proto = FramedProtocol(conn, on_peer_frame, on_peer_close, self._count_error)
+            proto.grant_policy = ReceiveWindow(
+                self.limits.initial_window,
+                self.config.window_max_bytes,
+                self.windows,
+                lambda: kernel_rtt_s(proto),
+            )
         else:
             session = EngineSession(
                 self._start_send,

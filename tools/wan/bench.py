@@ -9,7 +9,7 @@ engine: one 1 MiB transfer (how many RTTs until its layer is at the decode engin
 Prints a table, then one JSON object as the last line:
 ``{"cells": [{rate_gbit, rtt_ms, buffers, ping_rtt_ms, iperf3_rtt_ms, iperf3_p1_gbps,
 iperf3_p4_gbps, kvship_gbps, ratio_vs_iperf3, bitexact, first_small_transfer_rtts,
-daemon_rss_mib}, ...], "ok": ...}``.
+daemon_rss_mib, receive_window_growth_mib}, ...], "ok": ...}``.
 
 Bounded: every cell has a deadline; the link is torn down after each cell, error or not.
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from link import ADDR_A, ADDR_B, WanLink, missing
 
 from kvship import Client
-from kvship.bench.spawn import DaemonProcess
+from kvship.bench.spawn import DaemonProcess, metric_sum
 from kvship.units import parse_size
 
 LAYERS = 32
@@ -51,13 +51,17 @@ def start_daemon(
     return daemon.start(timeout=30)
 
 
-def links_of(link: WanLink, ns: str, daemon: DaemonProcess) -> list[dict[str, Any]]:
+def control_get(link: WanLink, ns: str, daemon: DaemonProcess, path: str) -> str:
+    """GET ``path`` of a daemon's control plane, from inside its namespace."""
     code = (
         "import urllib.request;"
-        f"print(urllib.request.urlopen('{daemon.url('/v1/links')}',timeout=10).read().decode())"
+        f"print(urllib.request.urlopen('{daemon.url(path)}',timeout=10).read().decode())"
     )
-    out = link.run(ns, sys.executable, "-c", code, timeout=30)
-    return list(json.loads(out)["links"])
+    return link.run(ns, sys.executable, "-c", code, timeout=30)
+
+
+def links_of(link: WanLink, ns: str, daemon: DaemonProcess) -> list[dict[str, Any]]:
+    return list(json.loads(control_get(link, ns, daemon, "/v1/links"))["links"])
 
 
 def wait_warm(link: WanLink, a: DaemonProcess, deadline: float) -> None:
@@ -174,6 +178,11 @@ def cell(rate: float, rtt: float, buffers: str, opts: argparse.Namespace) -> dic
                     if k in ("connections", "rtt_s", "tcp_rtt_s", "ping_rtt_s")
                 }  # fmt: skip
                 out["daemon_rss_mib"] = {"prefill": rss_mib(a), "decode": rss_mib(b)}
+                growth = metric_sum(
+                    control_get(link, link.ns_b, b, "/metrics"),
+                    "kvship_receive_window_growth_bytes",
+                )
+                out["receive_window_growth_mib"] = round(growth / (1 << 20), 1)
             finally:
                 if a is not None:
                     a.stop()
