@@ -31,11 +31,11 @@ from ..protocol import (
 )
 from ..staging import Arena
 from .delivery import Claim, EngineArena, Subscription
-from .outgoing import OutgoingTransfer
+from .outgoing import EngineHold, OutgoingTransfer
 
 log = logging.getLogger("kvship.engine")
 
-StartSend = Callable[[FramedProtocol, Open], OutgoingTransfer]
+StartSend = Callable[[FramedProtocol, Open, EngineHold], OutgoingTransfer]
 DELIVERY_ID_BASE = 1 << 63  # deliveries' transfer ids; engines keep theirs below it
 
 
@@ -57,6 +57,7 @@ class EngineSession:
         self._accepting = accepting
         self._subscribe_timeout_s = subscribe_timeout_s
         self.arena = EngineArena()
+        self.hold = EngineHold(0)  # what its sends keep of its memory, waiting for ACKs
         self.sends: dict[int, OutgoingTransfer] = {}
         self.subs: dict[int, Subscription] = {}
         # Ids of this daemon's deliveries on the connection: top bit set, so they never
@@ -66,6 +67,7 @@ class EngineSession:
 
     def handshaken(self, conn: FramedProtocol) -> None:
         self.arena.negotiated(conn)
+        self.hold.resize(conn.conn.limits.initial_window)  # inline chunks hold its credit
 
     def on_frame(self, conn: FramedProtocol, frame: Frame) -> None:
         if isinstance(frame, ShmChunk):
@@ -109,6 +111,7 @@ class EngineSession:
         except (OSError, ValueError) as exc:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"cannot map arena: {exc}") from exc
         self.arena.attach(arena)
+        self.hold.resize(arena.size)
         conn.send(ShmAttached(frame.size))
 
     def _on_shm_chunk(self, conn: FramedProtocol, frame: ShmChunk) -> None:
@@ -144,7 +147,7 @@ class EngineSession:
         if not frame.peer:
             conn.send(Abort(frame.transfer_id, ErrorCode.PROTOCOL_ERROR, "OPEN names no peer"))
             return
-        send = self.sends[frame.transfer_id] = self._start_send(conn, frame)
+        send = self.sends[frame.transfer_id] = self._start_send(conn, frame, self.hold)
         tid = frame.transfer_id
         send.done.add_done_callback(lambda _: self.sends.pop(tid, None))
 

@@ -184,6 +184,12 @@ class Metrics:
         self.staged_bytes = Gauge(
             "kvship_staged_bytes", "Received KV bytes held in daemon memory", registry=r
         )
+        self.unacked_copied_bytes = Counter(
+            "kvship_unacked_copied_bytes",
+            "Sent chunk bytes copied out of the engine's memory to wait for the receiver's "
+            "ACK (the engine's arena holds less than the link's bandwidth x RTT)",
+            registry=r,
+        )
         self.window_growth = Gauge(
             "kvship_receive_window_growth_bytes",
             "How far the receive windows of all peer connections grew past window_bytes",

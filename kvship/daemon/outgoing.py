@@ -82,6 +82,33 @@ _Queued = tuple[ChunkMeta, memoryview, Release, float]
 """A chunk on a stripe's queue: meta, bytes, release, and when it was queued."""
 
 
+class EngineHold:
+    """The engine memory (its shared arena, or its connection's window) that this daemon's
+    sends keep while they wait for the receiver's ACK: resume may need the bytes again.
+
+    At a long RTT that wait caps a link at (engine memory / RTT): a 32 MiB arena carries
+    3.4 Gbit/s at 80 ms, whatever the windows say. So past half of it a sent chunk is
+    copied into daemon memory and the engine gets its space back at once; on a short RTT
+    the ACKs come back before that and nothing is copied. Shared by an engine's sends."""
+
+    def __init__(self, engine_bytes: int) -> None:
+        self.limit = engine_bytes // 2
+        self.held = 0
+
+    def resize(self, engine_bytes: int) -> None:
+        """The engine's memory became known (its handshake, then its arena)."""
+        self.limit = engine_bytes // 2
+
+    def take(self, nbytes: int) -> bool:
+        if self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
 @dataclass(frozen=True)
 class SendContext:
     """What every outgoing transfer of a daemon shares."""
@@ -94,10 +121,16 @@ class SendContext:
 
 class OutgoingTransfer:
     def __init__(
-        self, ctx: SendContext, engine: FramedProtocol, opened: Open, transfer_id: int
+        self,
+        ctx: SendContext,
+        engine: FramedProtocol,
+        opened: Open,
+        transfer_id: int,
+        hold: EngineHold | None = None,
     ) -> None:
         self.ctx = ctx
         self.engine = engine
+        self.hold = hold if hold is not None else EngineHold(engine.conn.limits.initial_window)
         self.engine_tid = opened.transfer_id
         self.opened = opened
         self.id = transfer_id
@@ -410,7 +443,7 @@ class OutgoingTransfer:
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
             return False
         if self.resumable and meta.chunk_index not in self.acked_early:
-            self.unacked[meta.chunk_index] = sent  # freed by the receiver's ACK
+            self.unacked[meta.chunk_index] = self._held(sent)  # freed by the receiver's ACK
         else:
             self.acked_early.discard(meta.chunk_index)
             release()
@@ -422,6 +455,26 @@ class OutgoingTransfer:
         metrics.wire_bytes_sent.labels(self.opened.peer).inc(len(wire) + CHUNK_OVERHEAD)
         metrics.chunks_sent.inc()
         return True
+
+    def _held(self, sent: _Queued) -> _Queued:
+        """How a sent chunk waits for its ACK: in the engine's memory while the engine has
+        room to stage the next ones (see EngineHold), else as this daemon's own copy."""
+        meta, wire, release, queued_at = sent
+        if release is _nothing:  # coded: the daemon's bytes already
+            return sent
+        nbytes = len(wire)
+        if self.hold.take(nbytes):
+            hold = self.hold
+
+            def give_back() -> None:
+                hold.give(nbytes)
+                release()
+
+            return meta, wire, give_back, queued_at
+        copy = memoryview(bytearray(wire))
+        release()
+        self.ctx.metrics.unacked_copied_bytes.inc(nbytes)
+        return meta, copy, _nothing, queued_at
 
     # --------------------------------------------------------------- resume
     def on_ack(self, frame: Ack) -> None:

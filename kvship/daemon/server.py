@@ -45,7 +45,7 @@ from .inbound import PeerInbox
 from .incoming import ReceiveContext
 from .links import LinkPool
 from .metrics import Metrics
-from .outgoing import OutgoingTransfer, SendContext
+from .outgoing import EngineHold, OutgoingTransfer, SendContext
 from .peers import PEER_CAPS, kernel_rtt_s
 from .registry import TransferRegistry
 from .stores import StoreSet
@@ -274,8 +274,11 @@ class Daemon:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"role {hello.role} on this listener")
         proto.write(proto.conn.accept(self.config.node_name, caps))
 
-    def _start_send(self, engine: FramedProtocol, frame: Open) -> OutgoingTransfer:
-        transfer = OutgoingTransfer(self._send_ctx, engine, frame, secrets.randbits(63) | 1)
+    def _start_send(
+        self, engine: FramedProtocol, frame: Open, hold: EngineHold
+    ) -> OutgoingTransfer:
+        tid = secrets.randbits(63) | 1
+        transfer = OutgoingTransfer(self._send_ctx, engine, frame, tid, hold)
         self.registry.add_outgoing(transfer)
         transfer.start()
         return transfer
