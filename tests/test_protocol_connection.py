@@ -42,6 +42,7 @@ from kvship.protocol import (
     chunk_checksum,
     digest_of_checksums,
     frame_header,
+    pad_header,
 )
 from kvship.protocol.frames import HANDSHAKE_MAX_BODY, MAX_WINDOW
 
@@ -407,6 +408,20 @@ def test_ignorable_unknown_frames_are_skipped() -> None:
     unknown = frame_header(0x30, 3, FLAG_IGNORABLE) + b"abc"
     empty = frame_header(0xFE, 0, FLAG_IGNORABLE | 0x01)
     assert server.receive_data(unknown + empty + Ping(5).encode()) == [Ping(5)]
+
+
+def test_pad_frames_are_read_and_dropped_byte_by_byte() -> None:
+    """PAD (SPEC §5.23) between other frames, fed one byte at a time: no event, the next
+    frame comes through; an empty PAD too."""
+    _, server = pair()
+    stream = pad_header(300) + bytes(300) + pad_header(0) + Ping(7).encode()
+    events = [e for i in range(len(stream)) for e in server.receive_data(stream[i : i + 1])]
+    assert events == [Ping(7)]
+
+
+def test_pad_without_the_ignorable_flag_is_refused() -> None:
+    _, server = pair()
+    expect_error(server, frame_header(FrameType.PAD, 3) + b"abc", ErrorCode.UNKNOWN_FRAME)
 
 
 def test_unknown_non_ignorable_frame() -> None:

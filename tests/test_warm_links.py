@@ -49,6 +49,37 @@ async def test_a_configured_peer_is_connected_kept_and_reconnected(tmp_path: Pat
         decode.stop()
 
 
+async def test_a_new_link_warms_its_connections_with_padding_the_peer_drops(
+    tmp_path: Path,
+) -> None:
+    """Each connection of a configured peer's link sends warmup_bytes of PAD (SPEC §5.23)
+    at once; the receiving daemon drops them without a protocol error and serves the next
+    transfer. A second link's warm-up stops as its first transfer starts."""
+    port = free_port()
+    decode = DaemonProcess("decode", tmp_path, ["--peer-listen", f"127.0.0.1:{port}"]).start()
+    peer = f"127.0.0.1:{port}"
+    prefill = DaemonProcess("prefill", tmp_path, ["--peers", peer]).start()
+    other = DaemonProcess(
+        "other", tmp_path, ["--peers", peer, "--warmup-bytes", str(1 << 30)]
+    ).start()
+    try:
+        wait_until(lambda: prefill.metric("kvship_warmup_bytes") >= 4 * (2 << 20), 10, "warm")
+        wait_until(lambda: (link_to(prefill, peer) or {}).get("warming") == 0, 10, "done")
+        assert prefill.metric("kvship_warmup_bytes") == 4 * (2 << 20)  # then it stops
+        await good_transfer(prefill, decode)
+        # 1 GiB of padding per connection would take seconds here: the transfer cuts it.
+        wait_until(lambda: other.metric("kvship_warmup_bytes") > 0, 10, "other warming")
+        await good_transfer(other, decode)
+        sent = other.metric("kvship_warmup_bytes")
+        assert 0 < sent < 4 << 30, sent
+        time.sleep(0.3)
+        assert other.metric("kvship_warmup_bytes") == sent  # stopped for good
+        assert decode.metric("kvship_protocol_errors") == 0
+    finally:
+        for daemon in (prefill, other, decode):
+            daemon.stop()
+
+
 def test_a_peer_that_never_comes_is_shown_down_with_its_reason(tmp_path: Path) -> None:
     peer = f"127.0.0.1:{free_port()}"
     daemon = DaemonProcess("lonely", tmp_path, ["--peers", peer]).start()

@@ -32,11 +32,15 @@ from ..protocol import (
     HelloAck,
     ProtocolError,
     Role,
+    pad_header,
 )
 from ..protocol.auth import PeerKey
 from ..protocol.errors import code_name
 
 log = logging.getLogger("kvship.wire")
+
+PAD_PIECE = 64 * 1024  # the largest PAD frame send_padding writes
+_ZEROS = memoryview(bytes(PAD_PIECE))
 
 FrameHandler = Callable[["FramedProtocol", Frame], None]
 CloseHandler = Callable[["FramedProtocol", BaseException | None], None]
@@ -234,6 +238,12 @@ class FramedProtocol(asyncio.BufferedProtocol):
         if self._corked and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(self._take_corked())
         self._corked.clear()  # the connection is gone: so are they
+
+    def send_padding(self, nbytes: int) -> None:
+        """One PAD frame of ``nbytes`` (at most PAD_PIECE) for the peer to drop (SPEC
+        §5.23): traffic that opens a new connection's congestion window."""
+        transport = self._check_writable()
+        transport.writelines([*self._take_corked(), pad_header(nbytes), _ZEROS[:nbytes]])
 
     async def drain(self) -> None:
         """Wait until everything written so far has been handed to the kernel."""

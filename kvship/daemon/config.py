@@ -77,6 +77,13 @@ class Config:
         "trip, as TCP's receive autotuning). All connections together grow by at most "
         "staging_bytes past window_bytes. = window_bytes: fixed windows.",
     )
+    warmup_bytes: int = _key(
+        2 * MIB,
+        "PAD bytes each new peer connection sends before its first transfer (within the "
+        "link's rate limit; it stops when a transfer starts): TCP starts a connection that "
+        "never carried data at 10 segments, so a link's first small transfer paid ~6 RTTs "
+        "of slow start. 0: none.",
+    )
     max_transfers_per_connection: int = _key(64, "Transfers one connection may carry at once.")
     peer_rate: str = _key(
         "unlimited",
@@ -203,6 +210,7 @@ class Config:
             except RateError as exc:
                 raise ConfigError(str(exc)) from None
         need(1 <= self.compress_workers <= 64, "compress_workers", "must be 1..64")
+        need(0 <= self.warmup_bytes <= 1 << 30, "warmup_bytes", "must be 0 .. 1 GiB")
         need(self.store_bytes >= 4 * MIB, "store_bytes", "must be >= 4 MiB")
         need(self.staging_bytes >= self.window_bytes, "staging_bytes", "must be >= window_bytes")
         for key in (

@@ -41,6 +41,7 @@ class LinkPool:
             config.resume_timeout_s,
             keys,
             tls,
+            config.warmup_bytes,
         )
         self.codecs = codecs
         self.metrics = metrics

@@ -190,6 +190,11 @@ class Metrics:
             "ACK (the engine's arena holds less than the link's bandwidth x RTT)",
             registry=r,
         )
+        self.warmup_bytes = Counter(
+            "kvship_warmup_bytes",
+            "PAD bytes sent on new peer connections to open their congestion windows",
+            registry=r,
+        )
         self.window_growth = Gauge(
             "kvship_receive_window_growth_bytes",
             "How far the receive windows of all peer connections grew past window_bytes",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Any, ClassVar, Self
 
-from .constants import HEADER
+from .constants import FLAG_IGNORABLE, HEADER, FrameType
 from .errors import ErrorCode, ProtocolError
 
 _U16 = struct.Struct(">H")
@@ -23,6 +23,13 @@ def frame_header(frame_type: int, body_length: int, flags: int = 0) -> bytes:
 
 def frame_bytes(frame_type: int, body: bytes, flags: int = 0) -> bytes:
     return frame_header(frame_type, len(body), flags) + body
+
+
+def pad_header(body_length: int) -> bytes:
+    """The header of a PAD frame (SPEC §5.23): ``body_length`` bytes a receiver reads and
+    drops, known type or not (FLAG_IGNORABLE). A daemon warms a new connection's congestion
+    window with them; the body's content is irrelevant (zeros)."""
+    return frame_header(FrameType.PAD, body_length, FLAG_IGNORABLE)
 
 
 def malformed(message: str) -> ProtocolError:

@@ -77,6 +77,7 @@ class FrameType:
     LAYER_READY = 0x24
     RELEASE = 0x25
     HOLD = 0x26  # receiver: stop (or go on) sending one transfer's chunks (CAP_HOLD, §7.8)
+    PAD = 0x27  # bytes to drop, after the handshake; always FLAG_IGNORABLE (§5.23)
 
 
 FRAME_NAMES: dict[int, str] = {

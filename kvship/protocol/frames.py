@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .auth import AuthChallenge, AuthProof
-from .base import frame_header
+from .base import frame_header, pad_header
 from .constants import (  # noqa: F401 - importable from here as before (tests, tools)
     CAP_AUTH,
     CAP_CODECS,
@@ -179,4 +179,5 @@ __all__ = [
     "Subscribe",
     "chunk_table",
     "frame_header",
+    "pad_header",
 ]

@@ -65,10 +65,11 @@ def links_of(link: WanLink, ns: str, daemon: DaemonProcess) -> list[dict[str, An
 
 
 def wait_warm(link: WanLink, a: DaemonProcess, deadline: float) -> None:
-    """The prefill daemon's configured peer link is up with all its connections."""
+    """The prefill daemon's configured peer link is up with all its connections, done
+    with their warm-up padding (as a link configured at start is long before traffic)."""
     while time.monotonic() < deadline:
         links = links_of(link, link.ns_a, a)
-        if links and links[0].get("connections", 0) >= 1 and links[0].get("state") != "down":
+        if links and links[0].get("connections", 0) >= 1 and not links[0].get("warming"):
             return
         time.sleep(0.2)
     raise TimeoutError("the configured peer link never came up")
