@@ -54,3 +54,26 @@ async def test_the_daemon_reports_the_caps_per_link(tmp_path: Path) -> None:
         assert logged == bool(advice)
         table = link_table([link])
         assert ("note: the kernel caps" in table) == bool(advice)
+
+
+def test_connections_for_a_rate_under_the_send_cap() -> None:
+    from kvship.daemon.kernel import TcpBuffers
+
+    caps = TcpBuffers(4 << 20, 6 << 20)
+    assert caps.connections_for(2e9 / 8, 0.08) == 5  # 20 MB per RTT / 4 MiB
+    assert caps.connections_for(2e9 / 8, 0.01) == 1
+    assert caps.connections_for(None, 0.08) is None  # unlimited, speed unknown
+    assert caps.connections_for(2e9 / 8, None) is None
+    assert TcpBuffers(None, None).connections_for(2e9 / 8, 0.08) is None
+
+
+def test_loopback_has_no_interface_speed() -> None:
+    import socket
+
+    from kvship.daemon.kernel import interface_speed_Bps
+
+    with socket.socket() as srv, socket.socket() as cli:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        cli.connect(srv.getsockname())
+        assert interface_speed_Bps(cli) is None  # lo reports no speed: no extra connections

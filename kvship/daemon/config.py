@@ -65,6 +65,13 @@ class Config:
     connections_per_peer: int = _key(
         4, "TCP connections per destination daemon; chunk i of a transfer goes on i mod N."
     )
+    max_connections_per_peer: int = _key(
+        16,
+        "Where the kernel's send-buffer cap (net.ipv4.tcp_wmem max) binds, a link opens "
+        "more connections, up to this: enough for its rate limit (or, unlimited, its "
+        "interface's speed) at the RTT its first connections measured. At or below "
+        "connections_per_peer: never more.",
+    )
     window_bytes: int = _key(
         8 * MIB,
         "Flow-control window per connection (64 KiB .. 2 GiB); chunks are at most 4 MiB or "
@@ -182,6 +189,7 @@ class Config:
 
         need(bool(self.node_name) and len(self.node_name) <= 255, "node_name", "1..255 chars")
         need(1 <= self.connections_per_peer <= 64, "connections_per_peer", "must be 1..64")
+        need(1 <= self.max_connections_per_peer <= 64, "max_connections_per_peer", "1..64")
         need(64 * 1024 <= self.window_bytes < 2**31, "window_bytes", "must be 64 KiB .. 2 GiB")
         need(
             self.window_bytes <= self.window_max_bytes < 2**31,

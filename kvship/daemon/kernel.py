@@ -8,10 +8,16 @@ reads the caps once, says at start when they bind, and shows the bound per link.
 
 from __future__ import annotations
 
+import fcntl
+import math
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc/sys/net")
+SYS_NET = Path("/sys/class/net")
+_SIOCGIFADDR = 0x8915
 
 
 def _read_ints(path: Path) -> list[int] | None:
@@ -56,3 +62,37 @@ class TcpBuffers:
         if self.send_max is None or not rtt_s or rtt_s <= 0:
             return None
         return connections * self.send_max / rtt_s
+
+    def connections_for(self, rate_Bps: float | None, rtt_s: float | None) -> int | None:
+        """How many connections carry ``rate_Bps`` at ``rtt_s`` under the send cap (None
+        where the cap, the rate or the RTT is unknown)."""
+        if self.send_max is None or not rate_Bps or not rtt_s or rtt_s <= 0:
+            return None
+        return math.ceil(rate_Bps * rtt_s / self.send_max)
+
+
+def interface_speed_Bps(sock: socket.socket, sys_net: Path = SYS_NET) -> float | None:
+    """The speed the kernel reports for the interface ``sock`` leaves by (IPv4: the one
+    holding its local address), in bytes/s: what a link with no rate limit may reach.
+    None where it does not say (loopback, IPv6, virtual devices without a speed)."""
+    try:
+        local = sock.getsockname()[0]
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    if sock.family != socket.AF_INET:
+        return None
+    for name in names:
+        try:
+            req = struct.pack("256s", name.encode()[:15])
+            addr = socket.inet_ntoa(fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, req)[20:24])
+        except OSError:
+            continue
+        if addr != local:
+            continue
+        try:
+            mbit = int((sys_net / name / "speed").read_text())
+        except (OSError, ValueError):
+            return None
+        return mbit * 1e6 / 8 if mbit > 0 else None
+    return None

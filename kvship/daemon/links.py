@@ -34,6 +34,7 @@ class LinkPool:
         keys: PeerKeys | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.kernel = TcpBuffers.read()
         self.settings = LinkSettings(
             config.node_name,
             config.connections_per_peer,
@@ -42,6 +43,8 @@ class LinkPool:
             keys,
             tls,
             config.warmup_bytes,
+            config.max_connections_per_peer,
+            self.kernel,
         )
         self.codecs = codecs
         self.metrics = metrics
@@ -53,7 +56,6 @@ class LinkPool:
         self.links: dict[str, PeerLink] = {}
         self._lock = asyncio.Lock()
         self.warm_peers: dict[str, str] = {}  # configured peer -> why it is down ("" if up)
-        self.kernel = TcpBuffers.read()
         self.kernel_advice = self.kernel.advice(config.window_bytes)
         self._keepers: list[asyncio.Task[None]] = []
 
@@ -112,6 +114,12 @@ class LinkPool:
     def _forget(self, link: PeerLink) -> None:
         if self.links.get(link.address) is link:
             del self.links[link.address]
+
+    def connections_to(self, peer: str) -> int:
+        """The connections a transfer to ``peer`` stripes over: its live link's, else the
+        configured count (the link may open more; the transfer then restripes)."""
+        link = self.links.get(peer)
+        return len(link.conns) if link is not None and link.conns else self.settings.connections
 
     def limits_for(self, peer: str) -> tuple[float, int]:
         """(rate in bytes/s, inf for unlimited; burst) of the link to ``peer``."""

@@ -134,7 +134,7 @@ class OutgoingTransfer:
         self.engine_tid = opened.transfer_id
         self.opened = opened
         self.id = transfer_id
-        self.n_stripes = ctx.links.settings.connections
+        self.n_stripes = ctx.links.connections_to(opened.peer)  # as its link has now
         self.queues: list[asyncio.Queue[_Queued | _End]] = [
             asyncio.Queue() for _ in range(self.n_stripes)
         ]
@@ -143,7 +143,6 @@ class OutgoingTransfer:
         self.queued_bytes = 0  # staged in the engine's arena, waiting for a stripe
         self.priority = LATENCY if opened.priority == PRIORITY_LATENCY else BULK
         self.chunks_in = 0
-        self.per_stripe = [0] * self.n_stripes
         self.sent_on_stripe = [0] * self.n_stripes
         self.skip: set[int] = set()  # chunks the receiver already holds (dedup)
         # CAP_DEDUP_TAIL: chunk -> bytes at its start the receiver holds; only the rest
@@ -213,7 +212,6 @@ class OutgoingTransfer:
         self.checksums[meta.chunk_index] = meta.checksum
         self.chunks_in += 1
         stripe = meta.chunk_index % self.n_stripes
-        self.per_stripe[stripe] += 1
         peer_meta = dataclasses.replace(meta, transfer_id=self.id)
         self.queued_bytes += len(data)
         self.queues[stripe].put_nowait((peer_meta, data, release, time.monotonic()))
@@ -327,6 +325,8 @@ class OutgoingTransfer:
                 tell_peer=False,
             )
             return
+        if len(conns) != self.n_stripes:  # a link that opened more than it started with
+            self._restripe(Resume.of(self.id, self.opened.n_chunks, set()), len(conns))
         self.link.transfers[self.id] = self
         self.resumable = bool(conns[0].conn.negotiated.capabilities & CAP_RESUME)
         try:

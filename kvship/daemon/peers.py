@@ -43,6 +43,7 @@ from ..protocol import (
 )
 from ..ratelimit import BULK, Scheduler, SchedulerClosed, TokenBucket, format_rate
 from .codecpool import CodecPool
+from .kernel import TcpBuffers, interface_speed_Bps
 from .metrics import Metrics
 from .trust import PeerKeys
 
@@ -91,6 +92,8 @@ class LinkSettings:
     keys: PeerKeys | None = None  # the key to prove to each peer (None: no authentication)
     tls: ssl.SSLContext | None = None  # TLS client context of peer links (None: plain TCP)
     warmup_bytes: int = 0  # PAD sent on each new connection, to open its congestion window
+    max_connections: int = 0  # more where the kernel's send cap binds (<= connections: no)
+    kernel: TcpBuffers | None = None  # the kernel's socket buffer caps (None: not read)
 
 
 class LinkFigures:
@@ -207,26 +210,25 @@ class PeerLink:
         self._pinger: asyncio.Task[None] | None = None
         self._warmers: list[asyncio.Task[None]] = []
 
-    async def connect(self) -> None:
+    async def connect(self, connections: int | None = None) -> None:
+        """Open the link: ``connections`` (default: the configured count), then more where
+        the kernel's send-buffer cap binds (see :meth:`connections_wanted`)."""
         cfg = self.settings
-        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=PEER_CAPS)
         try:
-            self.conns = list(
-                await asyncio.gather(
-                    *(
-                        open_connection(
-                            self.address,
-                            hello,
-                            self._on_frame,
-                            self._on_close,
-                            timeout=cfg.connect_timeout_s,
-                            key=None if cfg.keys is None else cfg.keys.for_peer(self.address),
-                            tls=cfg.tls,
-                        )
-                        for _ in range(cfg.connections)
+            self.conns = await self._open(connections or cfg.connections)
+            more = self.connections_wanted() - len(self.conns) if connections is None else 0
+            if more > 0:
+                try:
+                    self.conns += await self._open(more)
+                except (OSError, ValueError, ProtocolError) as exc:  # the first ones serve
+                    log.warning(
+                        "link to %s: %d more connections failed (%s); using %d",
+                        self.address,
+                        more,
+                        exc,
+                        len(self.conns),
+                        extra={"peer": self.address, "cause": f"more {self.address}"},
                     )
-                )
-            )
         except BaseException:
             self.dead = True
             for conn in self.conns:
@@ -242,6 +244,64 @@ class PeerLink:
             len(self.conns),
             extra={"peer": self.address, "connections": len(self.conns)},
         )
+
+    async def _open(self, n: int) -> list[FramedProtocol]:
+        cfg = self.settings
+        hello = Hello(ROLE_PEER, cfg.node_name, capabilities=PEER_CAPS)
+        opened: list[FramedProtocol | BaseException] = await asyncio.gather(
+            *(
+                open_connection(
+                    self.address,
+                    hello,
+                    self._on_frame,
+                    self._on_close,
+                    timeout=cfg.connect_timeout_s,
+                    key=None if cfg.keys is None else cfg.keys.for_peer(self.address),
+                    tls=cfg.tls,
+                )
+                for _ in range(n)
+            ),
+            return_exceptions=True,
+        )
+        conns = [c for c in opened if isinstance(c, FramedProtocol)]
+        failed = [c for c in opened if not isinstance(c, FramedProtocol)]
+        if failed:
+            for conn in conns:
+                conn.close()
+            raise failed[0]
+        return conns
+
+    def connections_wanted(self) -> int:
+        """Connections this link needs so that the kernel's send-buffer cap (one buffer
+        per RTT per connection) does not bind below its rate limit, or, unlimited, its
+        interface's speed; between the configured count and ``max_connections``."""
+        cfg = self.settings
+        if cfg.kernel is None or cfg.max_connections <= cfg.connections or not self.conns:
+            return len(self.conns)
+        rtts = [r for r in (kernel_rtt_s(c) for c in self.conns) if r is not None]
+        rate: float | None = None if self.bucket.unlimited else self.bucket.rate
+        if rate is None:
+            transport = self.conns[0].transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            rate = interface_speed_Bps(sock) if sock is not None else None
+        need = cfg.kernel.connections_for(rate, max(rtts) if rtts else None)
+        if need is None or need <= len(self.conns):
+            return len(self.conns)
+        want = min(need, cfg.max_connections)
+        log.warning(
+            "link to %s: the kernel caps a TCP send buffer at %d B (net.ipv4.tcp_wmem max), "
+            "so at RTT %.1f ms %d connections carry %s; opening %d%s. Raise net.ipv4.tcp_wmem "
+            "(third value) on this host to need fewer",
+            self.address,
+            cfg.kernel.send_max,
+            max(rtts) * 1e3,
+            need,
+            format_rate(rate or 0.0),
+            want,
+            f" (max_connections_per_peer {cfg.max_connections})" if want < need else "",
+            extra={"peer": self.address, "cause": f"connections {self.address}"},
+        )
+        return want
 
     async def _warm(self, conn: FramedProtocol) -> None:
         """Send ``warmup_bytes`` of PAD on a new connection (within the link's rate limit),
