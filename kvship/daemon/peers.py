@@ -210,13 +210,13 @@ class PeerLink:
         self._pinger: asyncio.Task[None] | None = None
         self._warmers: list[asyncio.Task[None]] = []
 
-    async def connect(self, connections: int | None = None) -> None:
-        """Open the link: ``connections`` (default: the configured count), then more where
-        the kernel's send-buffer cap binds (see :meth:`connections_wanted`)."""
+    async def connect(self) -> None:
+        """Open the link: the configured count of connections, then more where the
+        kernel's send-buffer cap binds (see :meth:`connections_wanted`)."""
         cfg = self.settings
         try:
-            self.conns = await self._open(connections or cfg.connections)
-            more = self.connections_wanted() - len(self.conns) if connections is None else 0
+            self.conns = await self._open(cfg.connections)
+            more = self.connections_wanted() - len(self.conns)
             if more > 0:
                 try:
                     self.conns += await self._open(more)
