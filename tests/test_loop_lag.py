@@ -49,3 +49,16 @@ async def test_a_busy_loop_is_neither_logged_nor_dumped(
         lag.stop()
     assert "a_synchronous_call_that_hogs_the_loop" not in capfd.readouterr().err
     assert not [r for r in caplog.records if "event loop was blocked" in r.getMessage()]
+
+
+def test_the_daemon_puts_its_start_heap_out_of_the_collectors_sight() -> None:
+    import gc
+
+    from kvship.daemon.main import settle_heap
+
+    gc.unfreeze()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 10_000  # the imports of kvship.daemon at least
+    finally:
+        gc.unfreeze()

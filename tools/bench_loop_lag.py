@@ -3,7 +3,8 @@
 
 For each piece of work that used to run on a loop (building the planner for the first
 POST /v1/route, checking a long prompt's dedup manifest, hashing a long prompt for a
-look-up, making a large receive arena), this measures in the same run:
+look-up, making a large receive arena, a full garbage collection of the daemon's heap
+during its first small transfers), this measures in the same run:
 
 * ``inline_s``: the work done right here, blocking (what a loop would stall for if the
   work ran on it: the baseline);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import re
 import sys
@@ -41,6 +43,7 @@ from kvship.layout.prefix import block_keys
 from kvship.staging import Arena
 
 MODEL = ModelLayout("lag-model", "lag-model", (FullAttention(16, 1, 8),) * 2)
+SMALL_TRANSFERS = 20  # 1 MiB each: a fresh daemon's first ones ran into full collections
 
 
 def timed(work: Callable[[], Any]) -> float:
@@ -95,11 +98,32 @@ async def run(tokens_n: int, arena_mib: int) -> dict[str, Any]:
     def made_arena() -> None:
         Arena.create(arena_mib << 20).close()
 
+    def full_collection() -> None:
+        import kvship.daemon.main  # noqa: F401  the daemon's heap, as it has it at start
+
+        gc.collect()
+
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         a, b = daemon_pair(tmp)
         try:
-            # The planner first: a fresh daemon has not built it yet (and this process has
+            # Small transfers first, on fresh daemons: their first ones met full collections.
+            async def small_transfers() -> None:  # fresh engines, 1 MiB each, one by one
+                for i in range(SMALL_TRANSFERS):
+                    layer = [np.full(1 << 20, i, np.uint8)]
+                    async with Client(a.socket_path) as s, Client(b.socket_path) as r:
+                        receiving = asyncio.create_task(r.receive(f"small-{i}", timeout=30))
+                        await s.send_arrays(f"small-{i}", layer, peer=b.peer, timeout=30)
+                        await (await receiving).all()
+
+            before_a, before_b = lag_buckets(a), lag_buckets(b)
+            await small_transfers()
+            await asyncio.sleep(0.1)
+            results["full_collection"] = {  # the worse of the two daemons
+                "inline_s": timed(full_collection),
+                "lag_s": max(worst_lag_since(a, before_a), worst_lag_since(b, before_b)),
+            }
+            # Then the planner: a fresh daemon has not built it yet (and this process has
             # not imported it, so its inline time includes the imports, as the daemon's does).
             results["first_route"] = {
                 "inline_s": timed(planner),
@@ -136,6 +160,7 @@ async def run(tokens_n: int, arena_mib: int) -> dict[str, Any]:
                 ),
                 "lag_s": worst_lag_since(b, before),
             }
+
             lag = LoopLag(lambda _: None, interval_s=0.005)
             lag.start()
             async with Client(b.socket_path, receive_arena_bytes=arena_mib << 20) as c:
