@@ -111,7 +111,7 @@ class EngineSession:
         except (OSError, ValueError) as exc:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"cannot map arena: {exc}") from exc
         self.arena.attach(arena)
-        self.hold.resize(arena.size)
+        self.hold.resize(arena.size, shared=True)
         conn.send(ShmAttached(frame.size))
 
     def _on_shm_chunk(self, conn: FramedProtocol, frame: ShmChunk) -> None:

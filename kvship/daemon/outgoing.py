@@ -94,10 +94,15 @@ class EngineHold:
     def __init__(self, engine_bytes: int) -> None:
         self.limit = engine_bytes // 2
         self.held = 0
+        # Chunks in the engine's shared arena are its memory: past the limit they are
+        # copied. Inline chunks are this daemon's bytes already, holding only the engine's
+        # credit: past the limit the credit goes back and the bytes stay, uncopied.
+        self.shared = False
 
-    def resize(self, engine_bytes: int) -> None:
+    def resize(self, engine_bytes: int, *, shared: bool = False) -> None:
         """The engine's memory became known (its handshake, then its arena)."""
         self.limit = engine_bytes // 2
+        self.shared = shared
 
     def take(self, nbytes: int) -> bool:
         if self.held + nbytes > self.limit:
@@ -457,8 +462,9 @@ class OutgoingTransfer:
         return True
 
     def _held(self, sent: _Queued) -> _Queued:
-        """How a sent chunk waits for its ACK: in the engine's memory while the engine has
-        room to stage the next ones (see EngineHold), else as this daemon's own copy."""
+        """How a sent chunk waits for its ACK: holding the engine's memory (or credit) while
+        the engine has room to stage the next ones (see EngineHold), else on this daemon's
+        own: a copy of an arena chunk, the very bytes of an inline one."""
         meta, wire, release, queued_at = sent
         if release is _nothing:  # coded: the daemon's bytes already
             return sent
@@ -471,10 +477,11 @@ class OutgoingTransfer:
                 release()
 
             return meta, wire, give_back, queued_at
-        copy = memoryview(bytearray(wire))
-        release()
-        self.ctx.metrics.unacked_copied_bytes.inc(nbytes)
-        return meta, copy, _nothing, queued_at
+        if self.hold.shared:  # the engine's memory: copy it before giving it back
+            wire = memoryview(bytearray(wire))
+            self.ctx.metrics.unacked_copied_bytes.inc(nbytes)
+        release()  # inline: the bytes are this daemon's already; the engine's credit goes
+        return meta, wire, _nothing, queued_at
 
     # --------------------------------------------------------------- resume
     def on_ack(self, frame: Ack) -> None:
