@@ -27,7 +27,8 @@ first incomplete layer (``finishing``, from the registry):
   by layers its engine has not released yet is not such a case: its reading frees room.
 
 So staging overshoots its bound by at most what was in flight when it filled (a window per
-connection), what a HOLD overtakes (another), and the rest of one layer (never above
+connection, plus what the windows grew: at most ``staging_bytes`` together, daemon.window),
+what a HOLD overtakes (another), and the rest of one layer (never above
 ``staging_bytes``: larger layers are refused at OPEN). Without ``CAP_HOLD`` on the link
 the second point cannot apply, and credit is withheld as before.
 """

@@ -71,7 +71,7 @@ class TcpBuffers:
         return math.ceil(rate_Bps * rtt_s / self.send_max)
 
 
-def interface_speed_Bps(sock: socket.socket, sys_net: Path = SYS_NET) -> float | None:
+def interface_speed_Bps(sock: socket.socket) -> float | None:
     """The speed the kernel reports for the interface ``sock`` leaves by (IPv4: the one
     holding its local address), in bytes/s: what a link with no rate limit may reach.
     None where it does not say (loopback, IPv6, virtual devices without a speed)."""
@@ -91,7 +91,7 @@ def interface_speed_Bps(sock: socket.socket, sys_net: Path = SYS_NET) -> float |
         if addr != local:
             continue
         try:
-            mbit = int((sys_net / name / "speed").read_text())
+            mbit = int((SYS_NET / name / "speed").read_text())
         except (OSError, ValueError):
             return None
         return mbit * 1e6 / 8 if mbit > 0 else None

@@ -131,11 +131,11 @@ class OutgoingTransfer:
         engine: FramedProtocol,
         opened: Open,
         transfer_id: int,
-        hold: EngineHold | None = None,
+        hold: EngineHold,
     ) -> None:
         self.ctx = ctx
         self.engine = engine
-        self.hold = hold if hold is not None else EngineHold(engine.conn.limits.initial_window)
+        self.hold = hold
         self.engine_tid = opened.transfer_id
         self.opened = opened
         self.id = transfer_id

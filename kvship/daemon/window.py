@@ -18,12 +18,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 
-
-class Gauge(Protocol):
-    def set(self, value: float) -> None: ...
-
+from .budget import Gauge
 
 MIN_ROUND_S = 0.005  # below this a round is noise: loopback, or no RTT reading yet
 GROWTH = 2.0  # window = GROWTH x bytes per round trip, as TCP's receive autotuning
