@@ -91,6 +91,14 @@ class Config:
         "never carried data at 10 segments, so a link's first small transfer paid ~6 RTTs "
         "of slow start. 0: none.",
     )
+    unacked_copy_min_rtt_s: float = _key(
+        0.005,
+        "Sent chunks wait for the receiver's ACK (resume may send them again). Past half "
+        "the engine's arena they are copied into daemon memory so the engine can stage the "
+        "next ones, on links whose kernel RTT is at least this; below it the ACK returns "
+        "about as soon as a copy is made, and the chunk keeps its arena space. 0: copy "
+        "past half the arena at any RTT.",
+    )
     max_transfers_per_connection: int = _key(64, "Transfers one connection may carry at once.")
     peer_rate: str = _key(
         "unlimited",
@@ -219,6 +227,7 @@ class Config:
                 raise ConfigError(str(exc)) from None
         need(1 <= self.compress_workers <= 64, "compress_workers", "must be 1..64")
         need(0 <= self.warmup_bytes <= 1 << 30, "warmup_bytes", "must be 0 .. 1 GiB")
+        need(0 <= self.unacked_copy_min_rtt_s <= 1, "unacked_copy_min_rtt_s", "must be 0 .. 1 s")
         need(self.store_bytes >= 4 * MIB, "store_bytes", "must be >= 4 MiB")
         need(self.staging_bytes >= self.window_bytes, "staging_bytes", "must be >= window_bytes")
         for key in (

@@ -51,13 +51,15 @@ class EngineSession:
         claim: Claim,
         accepting: Callable[[], bool],
         subscribe_timeout_s: float,
+        copy_min_rtt_s: float,
     ) -> None:
         self._start_send = start_send
         self._claim = claim
         self._accepting = accepting
         self._subscribe_timeout_s = subscribe_timeout_s
         self.arena = EngineArena()
-        self.hold = EngineHold(0)  # what its sends keep of its memory, waiting for ACKs
+        # What its sends keep of its memory while they wait for ACKs.
+        self.hold = EngineHold(0, copy_min_rtt_s)
         self.sends: dict[int, OutgoingTransfer] = {}
         self.subs: dict[int, Subscription] = {}
         # Ids of this daemon's deliveries on the connection: top bit set, so they never

@@ -55,6 +55,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-max-bytes", dest="window_max_bytes", type=int)
     parser.add_argument("--max-connections-per-peer", dest="max_connections_per_peer", type=int)
     parser.add_argument("--warmup-bytes", dest="warmup_bytes", type=int)
+    parser.add_argument("--unacked-copy-min-rtt-s", dest="unacked_copy_min_rtt_s", type=float)
     parser.add_argument("--staging-bytes", dest="staging_bytes", type=int)
     parser.add_argument("--store-bytes", dest="store_bytes", type=int)
     parser.add_argument(

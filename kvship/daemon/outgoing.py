@@ -46,7 +46,7 @@ from .codecpool import CodecPool
 from .links import LinkPool
 from .logs import transfer_fields
 from .metrics import Metrics
-from .peers import PeerLink
+from .peers import PeerLink, kernel_rtt_s
 from .records import TransferRecord, TransferState
 
 HAVE_TIMEOUT_S = 10.0  # a receiver that never answers the manifest: send everything
@@ -88,11 +88,15 @@ class EngineHold:
 
     At a long RTT that wait caps a link at (engine memory / RTT): a 32 MiB arena carries
     3.4 Gbit/s at 80 ms, whatever the windows say. So past half of it a sent chunk is
-    copied into daemon memory and the engine gets its space back at once; on a short RTT
-    the ACKs come back before that and nothing is copied. Shared by an engine's sends."""
+    copied into daemon memory and the engine gets its space back at once. Below
+    ``copy_min_rtt_s`` of kernel RTT (config ``unacked_copy_min_rtt_s``) the ACK is back
+    about as soon as a copy would be made (a 4 MiB copy takes ~1 ms), so there the chunk
+    keeps its arena space instead: on loopback the copies cost half the sending daemon's
+    CPU for no gain. Shared by an engine's sends."""
 
-    def __init__(self, engine_bytes: int) -> None:
+    def __init__(self, engine_bytes: int, copy_min_rtt_s: float) -> None:
         self.limit = engine_bytes // 2
+        self.copy_min_rtt_s = copy_min_rtt_s
         self.held = 0
         # Chunks in the engine's shared arena are its memory: past the limit they are
         # copied. Inline chunks are this daemon's bytes already, holding only the engine's
@@ -104,8 +108,11 @@ class EngineHold:
         self.limit = engine_bytes // 2
         self.shared = shared
 
-    def take(self, nbytes: int) -> bool:
-        if self.held + nbytes > self.limit:
+    def take(self, nbytes: int, *, rtt_s: float | None) -> bool:
+        """Hold ``nbytes`` of the engine's memory until the ACK; False: hold none of it
+        (copy an arena chunk, give an inline chunk's credit back)."""
+        near = rtt_s is not None and rtt_s < self.copy_min_rtt_s
+        if self.held + nbytes > self.limit and not (near and self.shared):
             return False
         self.held += nbytes
         return True
@@ -448,7 +455,7 @@ class OutgoingTransfer:
                 self.fail(ErrorCode.PEER_UNREACHABLE, f"stripe {index} lost: {exc}")
             return False
         if self.resumable and meta.chunk_index not in self.acked_early:
-            self.unacked[meta.chunk_index] = self._held(sent)  # freed by the receiver's ACK
+            self.unacked[meta.chunk_index] = self._held(sent, conn)  # freed by its ACK
         else:
             self.acked_early.discard(meta.chunk_index)
             release()
@@ -461,7 +468,7 @@ class OutgoingTransfer:
         metrics.chunks_sent.inc()
         return True
 
-    def _held(self, sent: _Queued) -> _Queued:
+    def _held(self, sent: _Queued, conn: FramedProtocol) -> _Queued:
         """How a sent chunk waits for its ACK: holding the engine's memory (or credit) while
         the engine has room to stage the next ones (see EngineHold), else on this daemon's
         own: a copy of an arena chunk, the very bytes of an inline one."""
@@ -469,7 +476,9 @@ class OutgoingTransfer:
         if release is _nothing:  # coded: the daemon's bytes already
             return sent
         nbytes = len(wire)
-        if self.hold.take(nbytes):
+        deciding = self.hold.shared and self.hold.held + nbytes > self.hold.limit
+        rtt_s = kernel_rtt_s(conn) if deciding else None  # a system call: only where it counts
+        if self.hold.take(nbytes, rtt_s=rtt_s):
             hold = self.hold
 
             def give_back() -> None:

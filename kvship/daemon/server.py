@@ -242,6 +242,7 @@ class Daemon:
                 self.registry.claim,
                 lambda: not self.draining,
                 self.config.subscribe_timeout_s,
+                self.config.unacked_copy_min_rtt_s,
             )
             caps = CAP_SHM if kind == "engine_unix" else 0
 
