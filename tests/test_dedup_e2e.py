@@ -142,6 +142,68 @@ async def test_the_chunk_straddling_the_held_prefix_travels_as_its_tail(
     assert second_wire <= 0.11 * first_wire, (second_wire, first_wire)
 
 
+@pytest.mark.parametrize("engine_api", ["shm", "tcp"])
+async def test_the_engine_leaves_out_the_chunks_the_receiver_holds(
+    pair: tuple[DaemonProcess, ...], engine_api: str
+) -> None:
+    """SKIP (CAP_SKIP, SPEC §9.1.1): once the receiver's HAVE is back, the daemon names
+    the chunks the engine need not stage; layers put after it copy and hash only the rest.
+    Layer 0 goes before the SKIP (whole, its held chunks dropped at the daemon), the others
+    after it: every byte arrives, and the engine's digest (0 for what it left out) agrees
+    with the daemon's COMPLETE."""
+    a, b = pair
+    rng = np.random.default_rng(29 if engine_api == "shm" else 39)  # prompts of its own
+    first = rng.integers(0, 50000, 4096, dtype=np.uint32)
+    second = first.copy()
+    second[3000:] = rng.integers(0, 50000, 4096 - 3000)
+    await ship(a, b, f"omit-first-{engine_api}", first)
+    layers = kv_for(second)
+    address = a.socket_path if engine_api == "shm" else a.addresses["engine"]
+    rid = f"omit-second-{engine_api}"
+    async with Client(b.socket_path) as rx, Client(address, chunk_bytes=2 * BLOCK) as tx:
+        receiving = asyncio.create_task(_receive(rx, rid))
+        sender = await tx.send(
+            rid, layout_of(layers), peer=b.peer, token_ids=second.tolist(), model=MODEL
+        )
+        await sender.put(0, layers[0])
+        for _ in range(300):  # bounded: 3 s for the HAVE round trip and the SKIP
+            if sender.held_by_receiver:
+                break
+            await asyncio.sleep(0.01)
+        held = sender.held_by_receiver
+        for i in range(1, len(layers)):
+            await sender.put(i, layers[i])
+        result = await sender.finish(timeout=30)
+        got = await asyncio.wait_for(receiving, 30)
+    assert all(np.array_equal(got[i], layer) for i, layer in enumerate(layers))
+    # 3000 tokens = 187 whole blocks held: 93 whole chunks of 2 blocks per full layer.
+    # Layer 0 (chunks 0-127) was staged before: not named. The state (128-129) is new.
+    assert held == {*range(130, 130 + 93), *range(258, 258 + 93)}, sorted(held)[:8]
+    assert sender.omitted == len(held)  # none of them staged
+    assert result.total_bytes == sum(x.nbytes for x in layers)
+
+
+async def test_an_engine_that_leaves_out_a_chunk_nobody_named_fails(
+    pair: tuple[DaemonProcess, ...],
+) -> None:
+    """Only what SKIP named may be missing at END: a chunk left out otherwise fails the
+    transfer (PROTOCOL_ERROR), it is never completed short."""
+    a, b = pair
+    tokens = np.random.default_rng(10).integers(0, 50000, 512, dtype=np.uint32)
+    layers = kv_for(tokens)
+    async with Client(a.socket_path, chunk_bytes=2 * BLOCK) as tx:
+        sender = await tx.send(
+            "omit-unnamed", layout_of(layers), peer=b.peer, token_ids=tokens.tolist(), model=MODEL
+        )
+        sender._omit.add(3)  # as a buggy engine would: nothing told it to
+        for i, layer in enumerate(layers):
+            await sender.put(i, layer)
+        with pytest.raises(TransferError) as info:
+            await sender.finish(timeout=30)
+    assert info.value.code is ErrorCode.PROTOCOL_ERROR
+    assert "END after" in str(info.value)
+
+
 async def test_a_corrupt_engine_chunk_cut_into_a_tail_fails_its_transfer_at_the_sender(
     pair: tuple[DaemonProcess, ...],
 ) -> None:

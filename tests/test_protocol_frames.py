@@ -46,6 +46,7 @@ from kvship.protocol import (
     ShmAttach,
     ShmAttached,
     ShmChunk,
+    Skip,
     Subscribe,
     chunk_checksum,
     chunk_table,
@@ -95,6 +96,7 @@ SAMPLES: list[Any] = [
     AuthChallenge(bytes(range(32)), b"\xff" * 32),
     AuthProof(bytes(range(32, 64))),
     Ack(7, (0, 5, 2**20 - 1)),
+    Skip(7, (1, 4)),
     Resume.of(7, 13, {0, 3, 12}),
     Resume.of(8, 0, set()),
 ]

@@ -19,6 +19,7 @@ from kvship.protocol import (
     CAP_HOLD,
     CAP_RESUME,
     CAP_SHM,
+    CAP_SKIP,
     CAP_STRIPING,
     MAGIC,
     ROLE_ENGINE,
@@ -51,6 +52,7 @@ from kvship.protocol import (
     ShmAttached,
     ShmChunk,
     Side,
+    Skip,
     Subscribe,
     chunk_checksum,
 )
@@ -71,7 +73,7 @@ def connect(side: Side) -> tuple[Connection, Connection]:
         hello = Hello(ROLE_PEER, "a", capabilities=PEER_CAPS)
     else:
         a, b = Connection(role=Role.ENGINE), Connection(role=Role.DAEMON)
-        hello = Hello(ROLE_ENGINE, "engine", capabilities=CAP_SHM)
+        hello = Hello(ROLE_ENGINE, "engine", capabilities=CAP_SHM | CAP_SKIP)
     b.receive_data(a.initiate(hello))
     a.receive_data(b.accept("b"))
     assert a.side is not None and b.side is a.side.other
@@ -141,6 +143,7 @@ LEGAL: dict[tuple[Side, int], tuple[list[Step], Any]] = {
         ],
         LayerReady(1, 0, 4096, 8),
     ),
+    (S.DAEMON, T.SKIP): ([("them", put_open())], Skip(1, (0,))),
     (S.DAEMON, T.RELEASE): (
         [("them", ShmAttach(1 << 20, "/dev/shm/a")), ("me", ShmAttached(1 << 20))],
         Release(0, 8),
@@ -169,6 +172,7 @@ SAMPLES: dict[int, Any] = {
     T.SHM_CHUNK: ShmChunk(META, 0),
     T.LAYER_READY: LayerReady(1, 0, 4096, 8),
     T.RELEASE: Release(0, 8),
+    T.SKIP: Skip(1, (0,)),
 }
 FRAME_TYPES = [t for t in SAMPLES] + [T.CREDIT, T.ABORT, T.PING, T.PONG, T.GOAWAY]
 
@@ -255,6 +259,18 @@ def test_frames_need_their_capability(frame: Any, needs: int) -> None:
     assert info.value.code is ErrorCode.PROTOCOL_ERROR
     with pytest.raises(ProtocolError, match="capability"):
         them.receive_data(frame.encode())
+
+
+def test_skip_needs_its_capability() -> None:
+    """SKIP (daemon -> engine) only where the engine offered CAP_SKIP: an older engine
+    never sees one (§9.1.1)."""
+    engine, daemon = Connection(role=Role.ENGINE), Connection(role=Role.DAEMON)
+    daemon.receive_data(engine.initiate(Hello(ROLE_ENGINE, capabilities=CAP_SHM)))
+    engine.receive_data(daemon.accept("daemon", CAP_SHM | CAP_SKIP))
+    with pytest.raises(LocalProtocolError, match="capability"):
+        daemon.send(Skip(1, (0,)))
+    with pytest.raises(ProtocolError, match="capability"):
+        engine.receive_data(Skip(1, (0,)).encode())
 
 
 def test_only_an_engine_names_a_peer() -> None:

@@ -58,6 +58,7 @@ from kvship.protocol import (
     ShmAttach,
     ShmAttached,
     ShmChunk,
+    Skip,
     State,
     Subscribe,
     TransferDigest,
@@ -88,6 +89,7 @@ CLASSES: dict[str, type] = {
     "GOAWAY": GoAway,
     "HAVE": Have,
     "HOLD": Hold,
+    "SKIP": Skip,
     "SUBSCRIBE": Subscribe,
     "SHM_ATTACH": ShmAttach,
     "SHM_ATTACHED": ShmAttached,
@@ -124,6 +126,8 @@ def from_fields(type_name: str, fields: dict[str, Any]) -> Any:
         assert type(f["states"]) is int and f["states"] in (0, 1)
     if type_name == "HOLD":
         assert type(f["hold"]) is int and f["hold"] in (0, 1)
+    if type_name == "SKIP":
+        f["chunks"] = tuple(f["chunks"])
     if type_name == "HELLO":
         f["auth"] = bytes.fromhex(f["auth"])
     for name in ("nonce", "mac"):  # AUTH_CHALLENGE, AUTH_PROOF

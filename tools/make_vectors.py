@@ -64,6 +64,7 @@ from kvship.protocol import (
     ShmAttach,
     ShmAttached,
     ShmChunk,
+    Skip,
     Subscribe,
     chunk_checksum,
     chunk_table,
@@ -304,6 +305,11 @@ def frames() -> list[dict[str, Any]]:
             "hold",
             Hold(0x0123456789ABCDEF, True),
             "HOLD: the receiver asks the sender to stop sending this transfer's chunks",
+        ),
+        frame_case(
+            "skip",
+            Skip(0x0123456789ABCDEF, (3, 4, 5)),
+            "SKIP: the daemon tells its engine that chunks 3-5 of its put need not be staged",
         ),
         frame_case(
             "subscribe",

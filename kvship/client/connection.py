@@ -18,6 +18,7 @@ from ..aio import FramedProtocol, open_connection
 from ..errors import DaemonConnectionLost, DaemonUnavailable, KvshipError, TransferError
 from ..protocol import (
     CAP_SHM,
+    CAP_SKIP,
     ROLE_ENGINE,
     ChunkMeta,
     ErrorCode,
@@ -116,7 +117,9 @@ class EngineConnection:
         a Unix socket). Raises :class:`DaemonUnavailable` when the daemon is not there."""
         self = cls(address)
         shm = is_unix(address) if use_shm is None else use_shm and is_unix(address)
-        hello = Hello(ROLE_ENGINE, f"engine-{os.getpid()}", capabilities=CAP_SHM if shm else 0)
+        hello = Hello(
+            ROLE_ENGINE, f"engine-{os.getpid()}", capabilities=(CAP_SHM if shm else 0) | CAP_SKIP
+        )
         try:
             self.proto = await open_connection(
                 address, hello, self._on_frame, self._on_close, timeout=timeout

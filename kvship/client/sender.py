@@ -21,6 +21,7 @@ from ..protocol import (
     LayerSpec,
     Open,
     ShmChunk,
+    Skip,
     chunk_checksum,
     chunk_table,
     digest_of_checksums,
@@ -78,6 +79,10 @@ class Sender:
         self._starts = chunk_table(self.layout, self.chunk_bytes)
         self._checksums = [0] * self._starts[-1]
         self._put = [False] * len(self.layout)
+        # Chunks the receiver holds already (the daemon's SKIP, after dedup's HAVE): not
+        # staged, not hashed; their checksums stay 0 in END's digest, as at the daemon.
+        self._omit: set[int] = set()
+        self.omitted = 0  # chunks left out for that
         self._outbox = Outbox(self._send_group, self._failed)
         self._started = time.perf_counter()
         self._ended = False  # END sent
@@ -103,6 +108,8 @@ class Sender:
             frame = await self._conn.next_frame(None)
             if isinstance(frame, Complete):
                 return frame
+            if isinstance(frame, Skip) and frame.transfer_id == self._tid:
+                self._omit.update(frame.chunks)
             if isinstance(frame, Abort):
                 error = error_for(frame.code, frame.message)
                 self._conn.fail(error)
@@ -141,6 +148,12 @@ class Sender:
             self._conn.done(clean)
 
     # ------------------------------------------------------------- sending
+    @property
+    def held_by_receiver(self) -> frozenset[int]:
+        """Chunk indices the daemon said the receiver holds already (SKIP, after dedup's
+        HAVE): ``put`` neither stages nor hashes them (``omitted`` counts those left out)."""
+        return frozenset(self._omit)
+
     @property
     def pinned(self) -> bool:
         """Whether the staging arena is page-locked (device copies at full PCIe speed)."""
@@ -204,16 +217,24 @@ class Sender:
     ) -> StagingCopy:
         """Stage the layer in groups of chunks, one copy each: one chunk per group for a
         copy made now (the daemon starts on the first chunk while the next is copied),
-        as many as half the arena holds for a copy that runs on (from a GPU: one DMA)."""
+        as many as half the arena holds for a copy that runs on (from a GPU: one DMA).
+        Chunks the daemon said the receiver holds (SKIP) are left out."""
         conn = self._conn
         assert conn.arena is not None and conn.allocator is not None
         lengths = self._lengths(layer)
         later = background or isinstance(source, DeviceBuffer)
         per_group = max(1, conn.allocator.capacity // 2 // self.chunk_bytes) if later else 1
-        first, offset = self._starts[layer], 0
+        first, start = self._starts[layer], 0
         copies = []
-        for start in range(0, len(lengths), per_group):
-            run = tuple(lengths[start : start + per_group])
+        while start < len(lengths):
+            if first + start in self._omit:  # the receiver holds it: not staged at all
+                self.omitted += 1
+                start += 1
+                continue
+            stop = start + 1
+            while stop < min(len(lengths), start + per_group) and first + stop not in self._omit:
+                stop += 1
+            run, offset = tuple(lengths[start:stop]), start * self.chunk_bytes
             slot = await conn.allocate(run)
             self._check_failed()  # a copy of an earlier group may have failed meanwhile
             dst = conn.arena.view(slot, sum(run))
@@ -224,7 +245,7 @@ class Sender:
             )
             self._outbox.push(StagedGroup(layer, first + start, offset, slot, run, copy))
             copies.append(copy)
-            offset += sum(run)
+            start = stop
         return StagingCopy.joined(copies)
 
     def _send_group(self, group: StagedGroup) -> None:
@@ -251,6 +272,9 @@ class Sender:
             data = source.data
         size = self.chunk_bytes
         for index in self._chunks(layer):
+            if index in self._omit:  # the receiver holds it
+                self.omitted += 1
+                continue
             offset = (index - self._starts[layer]) * size
             piece = data[offset : offset + size]
             checksum = chunk_checksum(piece)
@@ -278,7 +302,8 @@ class Sender:
         try:
             if not self._ended:
                 self._ended = True
-                self._conn.send(End(self._tid, len(self._checksums), digest))
+                sent = len(self._checksums) - self.omitted
+                self._conn.send(End(self._tid, sent, digest))
             done = await asyncio.wait_for(asyncio.shield(self._outcome), timeout)
         except TimeoutError as exc:  # the transfer goes on: finish() may be awaited again
             if self._outcome.done():  # pragma: no cover - it ended just then

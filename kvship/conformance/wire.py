@@ -47,6 +47,7 @@ CAP_RESUME = 0x20  # ACK / RESUME, OPEN's resume flag (§7.7)
 CAP_OPEN_CHECK = 0x40  # END's open_check (§7.4)
 CAP_HOLD = 0x80  # HOLD pauses one transfer's chunks (§7.8)
 CAP_DEDUP_TAIL = 0x100  # the chunk straddling a held prefix travels as its tail (§7.6.5)
+CAP_SKIP = 0x200  # engine API: SKIP names chunks of a put the engine may omit (§9.1.1)
 KNOWN_CAPS = (
     CAP_SHM
     | CAP_STRIPING
@@ -57,6 +58,7 @@ KNOWN_CAPS = (
     | CAP_OPEN_CHECK
     | CAP_HOLD
     | CAP_DEDUP_TAIL
+    | CAP_SKIP
 )
 # What the kit's checks offer unless they test one of the others on purpose.
 BASE_CAPS = CAP_SHM | CAP_STRIPING | CAP_CODECS | CAP_DEDUP
@@ -90,6 +92,7 @@ FRAME_TYPES: dict[str, int] = {
     "LAYER_READY": 0x24,
     "RELEASE": 0x25,
     "HOLD": 0x26,
+    "SKIP": 0x28,
 }
 TYPE_NAMES: dict[int, str] = {v: k for k, v in FRAME_TYPES.items()}
 
@@ -316,6 +319,7 @@ _U64 = struct.Struct(">Q")
 _ABORT = struct.Struct(">QH")
 _HAVE = struct.Struct(">QIB3x")
 _HOLD = struct.Struct(">QB3x")  # §5.22
+_SKIP = struct.Struct(">QI")  # §5.24: then count u32 chunk indices
 _SHM_CHUNK_TAIL = struct.Struct(">QI4x")
 _LAYER_READY = struct.Struct(">QIIQQ")
 _RELEASE = struct.Struct(">QQ")
@@ -422,6 +426,9 @@ def encode_body(name: str, f: Fields) -> bytes:
         return _HAVE.pack(f["transfer_id"], f["blocks"], int(bool(f.get("states", False))))
     if name == "HOLD":
         return _HOLD.pack(f["transfer_id"], int(bool(f.get("hold", True))))
+    if name == "SKIP":
+        chunks = list(f["chunks"])
+        return _SKIP.pack(f["transfer_id"], len(chunks)) + struct.pack(f">{len(chunks)}I", *chunks)
     if name == "SUBSCRIBE":
         return _U32.pack(f.get("timeout_ms", 0)) + _str16(f["request_id"])
     if name == "SHM_ATTACH":
@@ -583,6 +590,15 @@ def decode_body(name: str, body: bytes) -> Fields:
         if hold > 1:
             raise _malformed(f"HOLD hold {hold}")
         return {"transfer_id": tid, "hold": bool(hold)}
+    if name == "SKIP":
+        tid, count = r.unpack(_SKIP, "SKIP fixed part")
+        if not 1 <= count <= MAX_CHUNKS:
+            raise _malformed(f"SKIP of {count} chunks (1..{MAX_CHUNKS})")
+        _exact(body, _SKIP.size + 4 * count, name)
+        return {
+            "transfer_id": tid,
+            "chunks": list(struct.unpack_from(f">{count}I", body, _SKIP.size)),
+        }
     if name == "SUBSCRIBE":
         (timeout_ms,) = r.unpack(_U32, "SUBSCRIBE timeout_ms")
         request_id = r.str16("request_id")

@@ -25,6 +25,7 @@ from ..protocol import (
     CAP_DEDUP,
     CAP_DEDUP_TAIL,
     CAP_RESUME,
+    CAP_SKIP,
     CODEC_RAW,
     HEADER_SIZE,
     Abort,
@@ -38,6 +39,7 @@ from ..protocol import (
     LocalProtocolError,
     Open,
     Resume,
+    Skip,
     chunk_checksum,
     digest_of_checksums,
 )
@@ -157,6 +159,7 @@ class OutgoingTransfer:
         self.chunks_in = 0
         self.sent_on_stripe = [0] * self.n_stripes
         self.skip: set[int] = set()  # chunks the receiver already holds (dedup)
+        self.omittable = False  # the engine was told it may leave ``skip`` out (SKIP)
         # CAP_DEDUP_TAIL: chunk -> bytes at its start the receiver holds; only the rest
         # travels, under its own checksum (which END's digest needs: tails_ready).
         self.tails: dict[int, int] = {}
@@ -229,8 +232,13 @@ class OutgoingTransfer:
         self.queues[stripe].put_nowait((peer_meta, data, release, time.monotonic()))
 
     def end(self, engine_end: End) -> None:
-        """The engine sent its last chunk."""
-        if self.chunks_in != self.opened.n_chunks:
+        """The engine sent its last chunk (and left out only chunks SKIP named: their
+        checksums count as 0 in its digest, as here)."""
+        omitted = self.opened.n_chunks - self.chunks_in
+        if omitted and not (
+            self.omittable
+            and all(self.seen[i] for i in range(len(self.seen)) if i not in self.skip)
+        ):
             self.fail(
                 ErrorCode.PROTOCOL_ERROR,
                 f"END after {self.chunks_in} of {self.opened.n_chunks} chunks",
@@ -278,6 +286,7 @@ class OutgoingTransfer:
             plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks, have.states
         )
         self.skip = {i for chunks in skip.values() for i in chunks}
+        self._tell_engine_to_omit()
         if caps & CAP_DEDUP_TAIL:
             self.tails = tail_cuts(
                 plan.layout, self.opened.layers, self.opened.chunk_size, have.blocks
@@ -287,6 +296,16 @@ class OutgoingTransfer:
         self.record.skipped_bytes = skipped_bytes(
             self.opened.layers, skip, self.opened.chunk_size, self.tails
         )
+
+    def _tell_engine_to_omit(self) -> None:
+        """SKIP to an engine that can take it: the chunks it has yet to stage that the
+        receiver holds, so it neither copies nor hashes them (SPEC §9.1.1)."""
+        if not self.engine.conn.negotiated.capabilities & CAP_SKIP or self.ended:
+            return
+        unstaged = tuple(sorted(i for i in self.skip if not self.seen[i]))
+        if unstaged and self.engine.is_open:
+            self.omittable = True
+            self.engine.send(Skip(self.engine_tid, unstaged))
 
     def _tail(
         self, meta: ChunkMeta, data: memoryview, cut: int

@@ -23,6 +23,7 @@ from ..aio import FramedProtocol, spawn
 from ..aio.lag import LoopLag
 from ..protocol import (
     CAP_SHM,
+    CAP_SKIP,
     ROLE_ENGINE,
     ROLE_PEER,
     AuthProof,
@@ -244,7 +245,7 @@ class Daemon:
                 self.config.subscribe_timeout_s,
                 self.config.unacked_copy_min_rtt_s,
             )
-            caps = CAP_SHM if kind == "engine_unix" else 0
+            caps = (CAP_SHM if kind == "engine_unix" else 0) | CAP_SKIP
 
             def on_engine_frame(proto: FramedProtocol, frame: Frame) -> None:
                 if isinstance(frame, Hello):

@@ -39,6 +39,7 @@ CAP_RESUME = 1 << 5  # per-chunk ACK; a transfer survives its connections (RESUM
 CAP_OPEN_CHECK = 1 << 6  # END carries a check of its stripe's OPEN body (§7.4)
 CAP_HOLD = 1 << 7  # the receiver may pause one transfer's chunks (HOLD, §7.8)
 CAP_DEDUP_TAIL = 1 << 8  # dedup sends the chunk straddling the held prefix in part (§7.6.5)
+CAP_SKIP = 1 << 9  # engine API: the daemon names chunks of a put the engine may omit (§9.1.1)
 KNOWN_CAPS = (
     CAP_SHM
     | CAP_STRIPING
@@ -49,6 +50,7 @@ KNOWN_CAPS = (
     | CAP_OPEN_CHECK
     | CAP_HOLD
     | CAP_DEDUP_TAIL
+    | CAP_SKIP
 )
 
 
@@ -78,6 +80,7 @@ class FrameType:
     RELEASE = 0x25
     HOLD = 0x26  # receiver: stop (or go on) sending one transfer's chunks (CAP_HOLD, §7.8)
     PAD = 0x27  # bytes to drop, after the handshake; always FLAG_IGNORABLE (§5.23)
+    SKIP = 0x28  # daemon -> engine: chunks of a put the receiver holds (CAP_SKIP, §9.1.1)
 
 
 FRAME_NAMES: dict[int, str] = {

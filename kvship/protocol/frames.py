@@ -12,7 +12,7 @@ machine emits. The code lives by concern:
 ``peer_frames``     HELLO … GOAWAY, HAVE, CHUNK/ChunkMeta
 ``engine_frames``   SUBSCRIBE, SHM_ATTACH(ED), SHM_CHUNK, LAYER_READY, RELEASE
 ``auth``            AUTH_CHALLENGE, AUTH_PROOF, the pre-shared-key MACs
-``resume``          ACK, RESUME (a transfer that survives its connections)
+``resume``          ACK, RESUME (a transfer that survives its connections), SKIP
 =================== ==========================================================
 """
 
@@ -31,6 +31,7 @@ from .constants import (  # noqa: F401 - importable from here as before (tests, 
     CAP_OPEN_CHECK,
     CAP_RESUME,
     CAP_SHM,
+    CAP_SKIP,
     CAP_STRIPING,
     CODEC_RAW,
     CODEC_SPLIT16,
@@ -70,7 +71,7 @@ from .peer_frames import (
     Pong,
     ReceivedChunk,
 )
-from .resume import Ack, Resume
+from .resume import Ack, Resume, Skip
 
 Frame = (
     Hello
@@ -96,6 +97,7 @@ Frame = (
     | AuthProof
     | Ack
     | Resume
+    | Skip
 )
 
 DECODERS: dict[int, Callable[[memoryview], Frame]] = {
@@ -123,6 +125,7 @@ DECODERS: dict[int, Callable[[memoryview], Frame]] = {
         AuthProof,
         Ack,
         Resume,
+        Skip,
     )
 }
 """Body decoders by frame type; CHUNK has none (the connection streams its data)."""
@@ -136,6 +139,7 @@ __all__ = [
     "CAP_OPEN_CHECK",
     "CAP_RESUME",
     "CAP_SHM",
+    "CAP_SKIP",
     "CAP_STRIPING",
     "CODEC_RAW",
     "CODEC_SPLIT16",
@@ -176,6 +180,7 @@ __all__ = [
     "ShmAttach",
     "ShmAttached",
     "ShmChunk",
+    "Skip",
     "Subscribe",
     "chunk_table",
     "frame_header",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from .base import exact, frame_bytes, malformed, need
 from .constants import MAX_CHUNKS, FrameType
@@ -22,11 +22,12 @@ _RESUME = struct.Struct(">QI")
 
 
 @dataclass(frozen=True, slots=True)
-class Ack:
-    """Receiver -> sender: these chunks of the transfer are held, verified (SPEC §5.20)."""
+class ChunkList:
+    """A transfer id and chunk indices (ACK, SKIP): ``transfer_id:u64 count:u32`` then
+    ``count`` u32 indices, 1 .. MAX_CHUNKS of them."""
 
-    TYPE: ClassVar[int] = FrameType.ACK
-    NAME: ClassVar[str] = "ACK"
+    TYPE: ClassVar[int]
+    NAME: ClassVar[str]
     transfer_id: int
     chunks: tuple[int, ...]
 
@@ -35,13 +36,30 @@ class Ack:
         return frame_bytes(self.TYPE, body + struct.pack(f">{len(self.chunks)}I", *self.chunks))
 
     @classmethod
-    def decode(cls, body: memoryview) -> Ack:
-        need(body, _ACK.size, "ACK")
+    def decode(cls, body: memoryview) -> Self:
+        need(body, _ACK.size, cls.NAME)
         tid, count = _ACK.unpack_from(body)
         if count == 0 or count > MAX_CHUNKS:
-            raise malformed(f"ACK of {count} chunks (1..{MAX_CHUNKS})")
-        exact(body, _ACK.size + 4 * count, "ACK")
+            raise malformed(f"{cls.NAME} of {count} chunks (1..{MAX_CHUNKS})")
+        exact(body, _ACK.size + 4 * count, cls.NAME)
         return cls(tid, struct.unpack_from(f">{count}I", body, _ACK.size))
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(ChunkList):
+    """Receiver -> sender: these chunks of the transfer are held, verified (SPEC §5.20)."""
+
+    TYPE: ClassVar[int] = FrameType.ACK
+    NAME: ClassVar[str] = "ACK"
+
+
+@dataclass(frozen=True, slots=True)
+class Skip(ChunkList):
+    """Daemon -> engine (CAP_SKIP): the receiver holds these chunks of the engine's put
+    already (dedup), so the engine may leave them out of it (SPEC §5.24, §9.1.1)."""
+
+    TYPE: ClassVar[int] = FrameType.SKIP
+    NAME: ClassVar[str] = "SKIP"
 
 
 @dataclass(frozen=True, slots=True)

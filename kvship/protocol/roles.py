@@ -12,7 +12,8 @@ side                      HELLO role, end     sends
                                               SHM_ATTACH, RELEASE (a kvship.Client)
 ``Side.DAEMON``           ENGINE, acceptor    deliveries (OPEN, CHUNK, LAYER_READY, END),
                                               COMPLETE (both ways: of the engine's puts and of
-                                              its own deliveries), SHM_ATTACHED, RELEASE
+                                              its own deliveries), SHM_ATTACHED, RELEASE,
+                                              SKIP (chunks of a put the engine may omit)
 ========================= =================== ===============================================
 
 Everyone may send CREDIT, ABORT, PING, PONG and GOAWAY. A frame the table does not give
@@ -29,6 +30,7 @@ from .constants import (
     CAP_HOLD,
     CAP_RESUME,
     CAP_SHM,
+    CAP_SKIP,
     ROLE_ENGINE,
     ROLE_PEER,
     FrameType,
@@ -100,7 +102,7 @@ MAY_SEND: dict[Side, frozenset[int]] = {
     | {T.SUBSCRIBE, T.SHM_ATTACH, T.SHM_CHUNK, T.RELEASE},
     Side.DAEMON: _ANYONE
     | {T.HELLO_ACK, T.AUTH_CHALLENGE, T.OPEN, T.CHUNK, T.END, T.COMPLETE}
-    | {T.SHM_ATTACHED, T.LAYER_READY, T.RELEASE},
+    | {T.SHM_ATTACHED, T.LAYER_READY, T.RELEASE, T.SKIP},
 }
 """Frame types each side may send (the other side may receive them)."""
 
@@ -113,6 +115,7 @@ NEEDS_CAP: dict[int, int] = {
     T.SHM_ATTACHED: CAP_SHM,
     T.SHM_CHUNK: CAP_SHM,
     T.RELEASE: CAP_SHM,
+    T.SKIP: CAP_SKIP,
 }
 """Frames that exist only where a capability was negotiated (LAYER_READY of a non-empty
 layer needs the arena, hence CAP_SHM, too: checked with the arena). CAP_CODECS gates
