@@ -110,12 +110,16 @@ class EngineHold:
         self.limit = engine_bytes // 2
         self.shared = shared
 
-    def take(self, nbytes: int, *, rtt_s: float | None) -> bool:
+    def take(self, nbytes: int, rtt_s: Callable[[], float | None]) -> bool:
         """Hold ``nbytes`` of the engine's memory until the ACK; False: hold none of it
-        (copy an arena chunk, give an inline chunk's credit back)."""
-        near = rtt_s is not None and rtt_s < self.copy_min_rtt_s
-        if self.held + nbytes > self.limit and not (near and self.shared):
-            return False
+        (copy an arena chunk, give an inline chunk's credit back). ``rtt_s`` (a system
+        call) is asked only past the limit, and only for arena chunks."""
+        if self.held + nbytes > self.limit:
+            if not self.shared:
+                return False
+            rtt = rtt_s()
+            if rtt is None or rtt >= self.copy_min_rtt_s:
+                return False
         self.held += nbytes
         return True
 
@@ -495,9 +499,7 @@ class OutgoingTransfer:
         if release is _nothing:  # coded: the daemon's bytes already
             return sent
         nbytes = len(wire)
-        deciding = self.hold.shared and self.hold.held + nbytes > self.hold.limit
-        rtt_s = kernel_rtt_s(conn) if deciding else None  # a system call: only where it counts
-        if self.hold.take(nbytes, rtt_s=rtt_s):
+        if self.hold.take(nbytes, lambda: kernel_rtt_s(conn)):
             hold = self.hold
 
             def give_back() -> None:
