@@ -72,3 +72,6 @@ def test_bench_tls_runs_the_same_transfer_over_mutual_tls() -> None:
     tls, plain = result["tls_goodput_GBps"], result["goodput_GBps"]
     assert isinstance(tls, float) and isinstance(plain, float)
     assert result["tls_ratio_vs_plain"] == pytest.approx(tls / plain, rel=0.02)
+    tls_cpu = result["tls_cpu_s_per_GiB"]
+    assert isinstance(tls_cpu, dict) and tls_cpu.keys() == PROCESSES | {"daemons", "total"}
+    assert tls_cpu["daemons"] > 0

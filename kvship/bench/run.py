@@ -305,6 +305,7 @@ def _tls_figures(payload: int, goodput: float, runs: list[dict[str, Any]]) -> di
         "tls_ratio_vs_plain": round(tls / goodput, 3),
         "tls_digest_match": all(r["digest_match"] for r in runs),
         "tls_runs_GBps": [round(payload / r["seconds"] / 1e9, 3) for r in runs],
+        "tls_cpu_s_per_GiB": _cpu_per_gib(runs, payload),
     }
 
 
@@ -417,7 +418,7 @@ def add_bench_parser(sub: Any) -> None:
         "--tls",
         action="store_true",
         help="also run each transfer over mutual TLS 1.3 peer links (throwaway certificates): "
-        "tls_goodput_GBps, tls_ratio_vs_plain",
+        "tls_goodput_GBps, tls_ratio_vs_plain, tls_cpu_s_per_GiB",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     d = p.add_argument_group("dedup workloads (--workload prefix | prefix-pair)")
