@@ -7,6 +7,7 @@ delivery. Each part takes a narrow interface; the stand-ins below implement exac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +23,7 @@ from kvship.daemon.records import TransferState
 from kvship.daemon.registry import TransferRegistry
 from kvship.daemon.stores import StoreSet
 from kvship.layout.model import FullAttention, ModelLayout
+from kvship.payload import CODEC_ZSTD, Encoder
 from kvship.protocol import (
     CAP_SHM,
     Abort,
@@ -387,3 +389,31 @@ async def test_a_chunk_declared_held_fails_only_its_transfer(codecs: CodecPool) 
     assert transfer.state is TransferState.FAILED and peer.failed is None
     assert transfer.error[0] is ErrorCode.PROTOCOL_ERROR  # type: ignore[index]
     assert not store.pinned  # the held prefix was released
+
+
+async def test_coded_chunks_land_in_pooled_buffers_that_come_back_once_decoded(
+    codecs: CodecPool,
+) -> None:
+    """A coded chunk's wire bytes go to a pooled buffer (no zero-filled allocation per
+    chunk); once decoded the buffer is handed to the next coded chunk, and every layer still
+    arrives bit-exact."""
+    registry = TransferRegistry(Metrics())
+    frame = opened(layer_bytes=(4 * CHUNK,))
+    transfer, peer = arrive(registry, codecs, frame)
+    encoder = Encoder()
+    buffers = []
+    for chunk in chunks_of(frame):
+        codec, wire = encoder.encode(chunk.data, CODEC_ZSTD)
+        assert codec == CODEC_ZSTD
+        meta = dataclasses.replace(chunk.meta, codec=codec)
+        landing, in_arena = transfer.sink(meta, len(wire))
+        assert not in_arena and len(landing) == len(wire)
+        landing[:] = wire  # what the peer connection's read does
+        buffers.append(landing.obj)
+        transfer.on_chunk(peer, Chunk(meta, landing), in_arena)
+        while transfer.decoding:
+            await asyncio.sleep(0.001)
+    assert all(buf is buffers[0] for buf in buffers)  # one buffer, reused for every chunk
+    assert transfer.ctx.scratch.idle_bytes == len(buffers[0])
+    whole = b"".join(bytes(buf) for _, buf in transfer.held_chunks(0))
+    assert whole == b"".join(bytes(c.data) for c in chunks_of(frame))

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..aio import FramedProtocol, spawn
@@ -55,6 +55,7 @@ from .dedup import HeldPrefix, verify_manifest
 from .logs import transfer_fields
 from .metrics import Metrics
 from .records import TransferRecord, TransferState
+from .scratch import ScratchPool
 from .stores import StoreSet
 
 log = logging.getLogger("kvship.in")
@@ -81,7 +82,8 @@ class Destination(Protocol):
 @dataclass(frozen=True)
 class ReceiveContext:
     """What every incoming transfer of a daemon shares: its memory bound, its codec
-    workers, its metrics, its block stores, and the registry's callbacks."""
+    workers and their receive buffers, its metrics, its block stores, and the registry's
+    callbacks."""
 
     budget: StagingBudget
     codecs: CodecPool
@@ -89,6 +91,7 @@ class ReceiveContext:
     stores: StoreSet
     on_received: Callable[[IncomingTransfer], None]
     on_finished: Callable[[IncomingTransfer, bool], None]  # (transfer, was still open)
+    scratch: ScratchPool = field(default_factory=ScratchPool)  # coded chunks' wire bytes
 
 
 class IncomingTransfer:
@@ -288,31 +291,31 @@ class IncomingTransfer:
 
     def sink(self, meta: ChunkMeta, wire_length: int) -> tuple[memoryview, bool]:
         """Where a chunk's wire bytes land: raw ones at their destination, coded ones in a
-        scratch buffer they are decoded from. (buffer, in_arena) is what the peer
+        pooled scratch buffer they are decoded from. (buffer, in_arena) is what the peer
         connection's payload sink returns; ``in_arena`` comes back as the chunk's tag."""
         if meta.codec != CODEC_RAW:
-            return memoryview(bytearray(wire_length)), False
+            return self.ctx.scratch.take(wire_length), False
         return self.destination(meta)
 
     def on_chunk(self, conn: FramedProtocol, chunk: Chunk, in_arena: bool) -> None:
         meta, data = chunk.meta, chunk.view
         if self.state is not TransferState.OPEN:  # failed: bytes are read and dropped
-            conn.grant(len(data))
+            self._drop(conn, meta, data)
             return
         if self.digest.has(meta.chunk_index) and _resumable(conn):
-            conn.grant(len(data))  # a resumed sender's second copy: held already
+            self._drop(conn, meta, data)  # a resumed sender's second copy: held already
             self.ctx.metrics.chunks_duplicate.inc()
             self._ack(conn, meta.chunk_index)
             return
         if meta.chunk_index in self._skipped:  # HAVE said it is held: a sender that gave up
-            conn.grant(len(data))  # waiting sends it anyway; only this transfer is wrong
+            self._drop(conn, meta, data)  # waiting sends it anyway; only this transfer is wrong
             self.fail(
                 ErrorCode.PROTOCOL_ERROR,
                 f"chunk {meta.chunk_index} arrived though HAVE declared it held (SPEC §7.6.5)",
             )
             return
         if not self._placed_as_expected(meta):
-            conn.grant(len(data))
+            self._drop(conn, meta, data)
             return
         if meta.codec != CODEC_RAW:
             self.decoding += 1
@@ -322,6 +325,12 @@ class IncomingTransfer:
             self._corrupt(conn, meta, len(data))
             return
         self._accept(conn, meta, data, in_arena, len(data))
+
+    def _drop(self, conn: FramedProtocol, meta: ChunkMeta, data: memoryview) -> None:
+        """A chunk not taken: its credit goes back, a coded one's buffer to the pool."""
+        conn.grant(len(data))
+        if meta.codec != CODEC_RAW:
+            self.ctx.scratch.give(data)
 
     def _placed_as_expected(self, meta: ChunkMeta) -> bool:
         """A chunk is whole unless HAVE made it the tail of a straddling chunk, which must
@@ -361,24 +370,29 @@ class IncomingTransfer:
         self.fail(ErrorCode.CHECKSUM_MISMATCH, f"chunk {index} checksum mismatch")
 
     async def _decode(self, conn: FramedProtocol, meta: ChunkMeta, wire: memoryview) -> None:
-        """Decode a coded chunk in a worker, verifying its checksum, then accept it."""
+        """Decode a coded chunk in a worker, verifying its checksum, then accept it. Once
+        the worker is done with the wire bytes their buffer goes back to the pool (not on
+        cancellation: the worker may still be reading it)."""
+        n_wire = len(wire)
         try:
             out, in_arena = self.destination(meta)
             try:
                 await self.ctx.codecs.decode(meta.codec, wire, meta.raw_length, meta.checksum, out)
             except ProtocolError as exc:
+                self.ctx.scratch.give(wire)
                 if exc.code == ErrorCode.CHECKSUM_MISMATCH:  # decoded, but not to its bytes
-                    self._corrupt(conn, meta, len(wire))
+                    self._corrupt(conn, meta, n_wire)
                     return
                 self.fail(exc.code, f"chunk {meta.chunk_index}: {exc.message}")
                 conn.fail(exc)  # a coded stream that does not decode: the sender is broken
                 return
+            self.ctx.scratch.give(wire)
         finally:
             self.decoding -= 1
         if self.state is not TransferState.OPEN or self.digest.has(meta.chunk_index):
-            conn.grant(len(wire))  # failed meanwhile, or a copy that overtook it is in
+            conn.grant(n_wire)  # failed meanwhile, or a copy that overtook it is in
             return
-        self._accept(conn, meta, out, in_arena, len(wire))
+        self._accept(conn, meta, out, in_arena, n_wire)
         self._maybe_received()
 
     def _accept(
