@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..addresses import split_hostport
 from ..protocol import (
+    Ack,
     AuthChallenge,
     ChunkMeta,
     Connection,
@@ -30,6 +31,7 @@ from ..protocol import (
     GoAway,
     Hello,
     HelloAck,
+    LocalProtocolError,
     ProtocolError,
     Role,
     pad_header,
@@ -92,11 +94,13 @@ class FramedProtocol(asyncio.BufferedProtocol):
         self._credit = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._pending_grant = 0
-        self._grant_scheduled = False
         self.grant_policy: GrantPolicy | None = None  # None: credit back = bytes consumed
         # Control frames queued this loop turn, written together (one syscall) at its end
-        # or before anything else is written, so their order on the wire is kept.
+        # or before anything else is written, so their order on the wire is kept; the
+        # turn's ACKs (per transfer) and credit join them as one ACK and one CREDIT frame.
         self._corked: list[bytes] = []
+        self._acks: dict[int, list[int]] = {}
+        self._flush_scheduled = False
         self.peername: str = "?"
         # When the last whole frame arrived: a link whose peer answers nothing (a flipped
         # length bit has its reader waiting for a body that never comes) is found by it.
@@ -215,8 +219,9 @@ class FramedProtocol(asyncio.BufferedProtocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         transport = self._check_writable()
-        if self._corked:
-            transport.writelines([*self._take_corked(), data])
+        queued = self._take_corked()
+        if queued:
+            transport.writelines([*queued, data])
         else:
             transport.write(data)
 
@@ -225,19 +230,42 @@ class FramedProtocol(asyncio.BufferedProtocol):
         in one loop turn leave in one write at its end: a burst of RELEASEs or SHM_CHUNKs
         costs one system call, not one each."""
         self._check_writable()
-        data = self.conn.send(frame)
-        if not self._corked:
+        self._corked.append(self.conn.send(frame))
+        self._schedule_flush()
+
+    def ack(self, transfer_id: int, chunk_index: int) -> None:
+        """Acknowledge a held chunk (SPEC §5.20): one ACK frame per transfer and loop turn,
+        in the same write as the turn's CREDIT, so a received chunk costs the receiver one
+        system call for both rather than two."""
+        self._acks.setdefault(transfer_id, []).append(chunk_index)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_corked)
-        self._corked.append(data)
 
     def _take_corked(self) -> list[bytes]:
+        """Everything queued, as bytes in wire order: control frames, then the ACKs and
+        credit of this turn (only while the connection is open: a failed one's GOAWAY
+        is its last frame)."""
         corked, self._corked = self._corked, []
+        acks, self._acks = self._acks, {}
+        pending, self._pending_grant = self._pending_grant, 0
+        if self.conn.closed:
+            return corked
+        for tid, chunks in acks.items():
+            with contextlib.suppress(LocalProtocolError):  # an ACK the state forbids now
+                corked.append(self.conn.send(Ack(tid, tuple(chunks))))
+        if pending:
+            corked.append(self.conn.grant(pending))
         return corked
 
     def _flush_corked(self) -> None:
-        if self._corked and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(self._take_corked())
-        self._corked.clear()  # the connection is gone: so are they
+        self._flush_scheduled = False
+        queued = self._take_corked()
+        if queued and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(queued)
 
     def send_padding(self, nbytes: int) -> None:
         """One PAD frame of ``nbytes`` (at most PAD_PIECE) for the peer to drop (SPEC
@@ -268,23 +296,17 @@ class FramedProtocol(asyncio.BufferedProtocol):
         """Return ``nbytes`` of credit to the peer, coalesced into few CREDIT frames.
 
         Grants made while one batch of received data is processed go out together at the
-        end of this loop iteration (or at once past an eighth of the window), so a busy
-        receiver sends one CREDIT per burst rather than one per chunk.
+        end of this loop iteration (or at once past an eighth of the window, with whatever
+        else is queued), so a busy receiver sends one CREDIT per burst rather than one per
+        chunk.
         """
         if self.grant_policy is not None:
             nbytes = self.grant_policy.adjust(nbytes)
         self._pending_grant += nbytes
         if self._pending_grant >= self.conn.limits.initial_window // 8:
-            self._flush_grant()
-        elif not self._grant_scheduled:
-            self._grant_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_grant)
-
-    def _flush_grant(self) -> None:
-        self._grant_scheduled = False
-        pending, self._pending_grant = self._pending_grant, 0
-        if pending and self.is_open:
-            self.write(self.conn.grant(pending))
+            self._flush_corked()
+        elif self._pending_grant:
+            self._schedule_flush()
 
     def fail(self, error: ProtocolError) -> None:
         """Close this connection because of ``error`` (after telling the peer why)."""

@@ -32,7 +32,6 @@ from ..protocol import (
     CAP_RESUME,
     CODEC_RAW,
     Abort,
-    Ack,
     Chunk,
     ChunkMeta,
     Complete,
@@ -132,8 +131,6 @@ class IncomingTransfer:
         self.resumes = 0  # times the sender re-opened it on new connections
         self.resumed = False  # from then on chunks land in daemon memory, never an arena
         self._corrupt_once: set[int] = set()  # chunks that arrived corrupt (resend asked)
-        self._acks: dict[FramedProtocol, list[int]] = {}  # chunk ACKs to flush, per conn
-        self._ack_scheduled = False
         self.record = TransferRecord(
             self.id,
             "in",
@@ -403,6 +400,8 @@ class IncomingTransfer:
         metrics = self.ctx.metrics
         self.last_activity = time.monotonic()
         self.digest.add(meta.chunk_index, meta.checksum)
+        if _resumable(conn):
+            self._ack(conn, meta.chunk_index)  # queued first: it leaves with the credit
         if in_arena:
             conn.grant(wire)
         else:
@@ -421,24 +420,12 @@ class IncomingTransfer:
             self.ready.append(meta.layer)
             self.changed.set()
             self.ctx.budget.reconsider()  # the next layer may need other connections
-        if _resumable(conn):
-            self._ack(conn, meta.chunk_index)
 
     def _ack(self, conn: FramedProtocol, index: int) -> None:
-        """ACK ``index`` to the sender: batched per connection, sent at the end of this
-        loop turn (with the CREDIT grants of the same chunks)."""
-        self._acks.setdefault(conn, []).append(index)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
-
-    def _flush_acks(self) -> None:
-        self._ack_scheduled = False
-        acks, self._acks = self._acks, {}
-        for conn, chunks in acks.items():
-            if conn.is_open:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    conn.send(Ack(self.id, tuple(chunks)))
+        """ACK ``index`` to the sender: the connection batches the turn's ACKs and sends
+        them in one write with the CREDIT of the same chunks."""
+        if conn.is_open:
+            conn.ack(self.id, index)
 
     def on_end(self, conn: FramedProtocol, end: End) -> None:
         stripe = next((s for s, c in self.stripe_conns.items() if c is conn), None)
@@ -486,7 +473,6 @@ class IncomingTransfer:
         if _resumable(conn):  # the sender comes back and resumes (or the reaper fails it)
             for stripe in [s for s, c in self.stripe_conns.items() if c is conn]:
                 del self.stripe_conns[stripe]
-            self._acks.pop(conn, None)
             self.last_activity = time.monotonic()
             log.info(
                 "incoming transfer from %s: a stripe's connection closed (%s); waiting for "
